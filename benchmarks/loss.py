@@ -1,0 +1,129 @@
+"""Fused linear cross-entropy vs lm_head + F.cross_entropy (and Liger when installed): time, peak memory.
+
+One batch of `--tokens` final hidden states, a fraction `--prompt-fraction` of them unlabelled
+(prompt tokens, label -100), an lm_head of `--vocab` x `--hidden`; each method runs forward and
+backward (gradient for the hidden states; for the lm_head too with --weight-grad). Peak memory is
+what the loss allocates above its inputs (CUDA: allocator peak; CPU: allocations reported to the
+profiler), so a ratio of peaks is the ratio of the loss's own memory.
+
+    qtulu bench loss                                   # GPU: 8192 x 32000 x 4096, bf16
+    qtulu bench loss --device cpu                      # CPU-sized: 2048 x 8000 x 1024 (same V/H)
+
+The CPU default keeps the ratio argument of the GPU shape: unfused memory grows with tokens x vocab,
+fused memory with tokens x hidden (one chunk of logits is sized like the hidden states), so the
+ratio depends on vocab/hidden (7.8 for both shapes), the prompt fraction and the dtype, not on size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+import torch.nn.functional as F
+from qtulu.benchmarks._measure import machine_line, markdown_table, median_ms, peak_bytes, pick_device
+from qtulu.kernels import fused_linear_cross_entropy
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+IGNORE = -100
+
+
+def unfused(hidden, weight, labels):
+    """What a plain training loop does: logits for every token, then cross-entropy in float32."""
+    return F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=IGNORE, reduction="sum")
+
+
+def unfused_labelled_rows(hidden, weight, labels):
+    """Unfused, but only the labelled rows get logits: how much of the saving is the row gather."""
+    keep = labels != IGNORE
+    return F.cross_entropy(F.linear(hidden[keep], weight).float(), labels[keep], reduction="sum")
+
+
+def fused(hidden, weight, labels):
+    return fused_linear_cross_entropy(hidden, weight, labels, ignore_index=IGNORE, reduction="sum")
+
+
+def liger():
+    """Liger-Kernel's fused loss when installed (its module takes the lm_head weight first)."""
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+    except ImportError:
+        return None
+    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
+    return lambda hidden, weight, labels: loss_fn(weight, hidden, labels)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="qtulu bench loss", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
+    parser.add_argument("--tokens", type=int, help="tokens in the batch (default 8192 on GPU, 2048 on CPU)")
+    parser.add_argument("--vocab", type=int, help="vocabulary size (default 32000 on GPU, 8000 on CPU)")
+    parser.add_argument("--hidden", type=int, help="hidden size (default 4096 on GPU, 1024 on CPU)")
+    parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--prompt-fraction", type=float, default=0.5, help="share of tokens labelled -100")
+    parser.add_argument("--weight-grad", action="store_true", help="also train the lm_head (full finetuning)")
+    parser.add_argument("--repeats", type=int, help="timed runs per method (default 20 on GPU, 3 on CPU)")
+    parser.add_argument("--memory-only", action="store_true", help="skip the timing (big shapes on CPU)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpu = device.type == "cuda"
+    tokens = args.tokens or (8192 if gpu else 2048)
+    vocab = args.vocab or (32000 if gpu else 8000)
+    hidden_size = args.hidden or (4096 if gpu else 1024)
+    repeats = args.repeats or (20 if gpu else 3)
+    dtype = DTYPES[args.dtype]
+
+    gen = torch.Generator().manual_seed(args.seed)
+    hidden = torch.randn(tokens, hidden_size, generator=gen).to(device, dtype).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, generator=gen) / hidden_size**0.5).to(device, dtype)
+    weight.requires_grad_(args.weight_grad)
+    labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    labels[torch.rand(tokens, generator=gen) < args.prompt_fraction] = IGNORE
+    labels = labels.to(device)
+
+    methods = {"lm_head + F.cross_entropy": unfused, "same, labelled rows only": unfused_labelled_rows,
+               "qtulu fused": fused}
+    liger_loss = liger() if gpu else None
+    if liger_loss is not None:
+        methods["Liger fused"] = liger_loss
+
+    def step(fn):
+        def run():
+            hidden.grad = weight.grad = None
+            fn(hidden, weight, labels).backward()
+        return run
+
+    reference = None
+    rows, peaks = [], {}
+    for name, fn in methods.items():
+        loss = fn(hidden, weight, labels).item()
+        reference = loss if reference is None else reference
+        ms = "-" if args.memory_only else f"{median_ms(step(fn), device, repeats, warmup=2):.2f}"
+        hidden.grad = weight.grad = None  # freed before measuring: the CPU profiler cannot see that free
+        peaks[name] = peak_bytes(step(fn), device)
+        rows.append([name, ms, f"{peaks[name] / 2**20:.0f}", "", f"{abs(loss - reference) / reference:.1e}"])
+    base = peaks["lm_head + F.cross_entropy"]
+    for row, name in zip(rows, methods, strict=True):
+        row[3] = f"{peaks[name] / base:.3f}"
+
+    labelled = int((labels != IGNORE).sum())
+    print(f"{machine_line(device)}")
+    print(f"{tokens} tokens ({labelled} labelled) x vocab {vocab} x hidden {hidden_size}, {args.dtype}, "
+          f"grad for hidden{' and lm_head' if args.weight_grad else ' only (frozen lm_head)'}; "
+          f"{'no timing' if args.memory_only else f'median of {repeats}'}; "
+          f"fused path: {'Triton' if gpu else 'torch (CPU)'}")
+    header = ["method", "fwd+bwd ms", "peak MiB above inputs", "peak / unfused", "loss rel. diff"]
+    print(markdown_table(header, rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,186 @@
+"""Linear layer (lm_head) + cross-entropy, fused in chunks so the (tokens x vocab) logits never exist.
+
+Rows whose label is ignore_index are dropped before any matmul (in chat training about half of
+the tokens are prompt). The labelled rows go through in chunks: logits = hidden @ weight.T for the
+chunk (cuBLAS), then one kernel pass per row computes log-sum-exp and the row's loss and
+overwrites the logits with the gradient softmax - onehot, then grad_hidden = grad @ weight and
+grad_weight += grad.T @ hidden. The gradients are thus computed in the forward pass (the loss is
+a scalar, so backward only scales them), and the largest buffer is one chunk of logits, sized like
+the hidden states of all tokens (vocab/hidden chunks, as Liger-Kernel does).
+
+Pieces: `linear_cross_entropy_reference` (pure torch, unfused: F.linear + F.cross_entropy), the
+Triton kernel for the per-chunk softmax/gradient and its torch twin, `FusedLinearCrossEntropyFunction`
+(autograd), and `fused_linear_cross_entropy` (the dispatcher: CUDA tensors -> Triton; CPU tensors
+-> the same chunked algorithm with the torch twin, or the Triton kernel under TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+try:  # triton is missing on macOS and Windows: the torch path serves there
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+
+def linear_cross_entropy_reference(hidden, weight, labels, ignore_index=-100, reduction="sum"):
+    """Unfused reference: full logits in the input dtype, cross-entropy in float32 or better (as HF)."""
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight)
+    labels = labels.reshape(-1)
+    logits = logits.to(_loss_dtype(logits.dtype))
+    loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    if reduction == "mean":
+        loss = loss / (labels != ignore_index).sum().clamp(min=1)
+    return loss
+
+
+def _loss_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+if triton is not None:
+
+    @triton.jit
+    def _cross_entropy_grad_kernel(LOGITS, stride_row, LABELS, LOSS, vocab, BLOCK_V: tl.constexpr):
+        """One row: loss = logsumexp(x) - x[label]; x is overwritten with softmax(x) - onehot(label)."""
+        row = tl.program_id(0)
+        row_ptr = LOGITS + row.to(tl.int64) * stride_row
+        label = tl.load(LABELS + row)
+        offs = tl.arange(0, BLOCK_V)
+        # pass 1: online max and sum of exponentials
+        m = float("-inf")
+        s = 0.0
+        for start in range(0, vocab, BLOCK_V):
+            x = tl.load(row_ptr + start + offs, mask=start + offs < vocab, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(x, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        target = tl.load(row_ptr + label).to(tl.float32)  # read before pass 2 overwrites it
+        tl.store(LOSS + row, lse - target)
+        # pass 2: gradient of the row's loss with respect to its logits, in place
+        for start in range(0, vocab, BLOCK_V):
+            mask = start + offs < vocab
+            x = tl.load(row_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse) - tl.where(start + offs == label, 1.0, 0.0)
+            tl.store(row_ptr + start + offs, grad.to(LOGITS.dtype.element_ty), mask=mask)
+
+
+def _cross_entropy_grad_triton(logits, labels):
+    loss = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
+    block = min(8192, triton.next_power_of_2(logits.shape[1]))
+    _cross_entropy_grad_kernel[(logits.shape[0],)](
+        logits, logits.stride(0), labels, loss, logits.shape[1], BLOCK_V=block, num_warps=8
+    )
+    return loss.sum()
+
+
+def _cross_entropy_grad_torch(logits, labels):
+    """Torch twin of the kernel: returns the summed loss, leaves softmax - onehot in `logits`.
+    Works in place (no logsumexp temporary): the largest extra buffer is a float32 copy of a
+    low-precision chunk."""
+    x = logits.to(_loss_dtype(logits.dtype))  # no copy for float32 and float64
+    target = x.gather(1, labels[:, None]).squeeze(1)
+    row_max = x.amax(1)
+    x.sub_(row_max[:, None]).exp_()
+    total = x.sum(1)
+    x.div_(total[:, None])
+    x[torch.arange(x.shape[0], device=x.device), labels] -= 1
+    if x is not logits:
+        logits.copy_(x)
+    return (row_max + total.log() - target).sum()
+
+
+def default_chunk_rows(n_rows: int, hidden_size: int, vocab: int) -> int:
+    """Rows per chunk so that one chunk of logits is about as large as the hidden states of all rows."""
+    n_chunks = -(-vocab // hidden_size)
+    return max(1, 1 << (max(1, -(-n_rows // n_chunks)) - 1).bit_length())
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_rows, use_triton, grad_hidden_on,
+                grad_weight_on):
+        ce_grad = _cross_entropy_grad_triton if use_triton else _cross_entropy_grad_torch
+        keep = (labels != ignore_index).nonzero().squeeze(1)
+        n_labelled = keep.numel()
+        vocab = weight.shape[0]
+        if n_labelled:
+            kept_labels = labels[keep]
+            if bool(((kept_labels < 0) | (kept_labels >= vocab)).any()):
+                raise ValueError(
+                    f"fused_linear_cross_entropy: labels must be in [0, {vocab}) or {ignore_index}"
+                )
+        # mean: scale after the matmuls, not the per-logit gradients (small ones would underflow in fp16)
+        scale = 1.0 / n_labelled if reduction == "mean" and n_labelled else 1.0
+        grad_hidden = torch.zeros_like(hidden) if grad_hidden_on else None
+        grad_weight = torch.zeros_like(weight) if grad_weight_on else None
+        loss = torch.zeros((), device=hidden.device, dtype=_loss_dtype(hidden.dtype))
+        chunk_rows = chunk_rows or default_chunk_rows(n_labelled, hidden.shape[1], vocab)
+        for rows in keep.split(chunk_rows):
+            h = hidden[rows]
+            logits = h @ weight.T
+            loss += ce_grad(logits, labels[rows].contiguous())
+            if grad_hidden_on:
+                grad_hidden.index_copy_(0, rows, torch.mm(logits, weight).mul_(scale))
+            if grad_weight_on:
+                grad_weight.addmm_(logits.T, h, alpha=scale)
+            del h, logits  # free this chunk before the next one's matmul allocates
+        # kept on ctx, not saved for backward: they are results, and backward scales them in place
+        ctx.grads = (grad_hidden, grad_weight)
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("fused_linear_cross_entropy: backward can run only once per forward")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        # in place: no second (tokens x hidden) buffer
+        if grad_hidden is not None:
+            grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
+        if grad_weight is not None:
+            grad_weight.mul_(grad_loss.to(grad_weight.dtype))
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+
+
+def triton_enabled(tensor: torch.Tensor) -> bool:
+    """Whether the Triton kernel serves `tensor`: on a GPU, or on CPU under TRITON_INTERPRET=1."""
+    if triton is None or tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return False
+    return tensor.is_cuda or (tensor.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="sum", chunk_rows=None):
+    """Cross-entropy of `hidden @ weight.T` against `labels` without materialising all the logits.
+
+    hidden (..., hidden_size), weight (vocab, hidden_size), labels (...) already aligned with hidden
+    (shift them before calling). Returns a float32 scalar (float64 for float64 inputs): the sum over
+    labelled tokens, or with reduction="mean" the sum divided by the number of labelled tokens,
+    `(labels != ignore_index).sum()`; a batch with no labelled token gives 0 and zero gradients.
+    The gradient for `weight` is computed only when it requires grad (a frozen lm_head skips it).
+    """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"fused_linear_cross_entropy: reduction must be 'sum' or 'mean', got {reduction!r}")
+    if hidden.shape[:-1] != labels.shape or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"fused_linear_cross_entropy: hidden (..., H) {tuple(hidden.shape)}, weight (V, H) "
+            f"{tuple(weight.shape)} and labels (...) {tuple(labels.shape)} do not fit together"
+        )
+    grad_on = torch.is_grad_enabled()
+    return FusedLinearCrossEntropyFunction.apply(
+        hidden.reshape(-1, hidden.shape[-1]),
+        weight,
+        labels.reshape(-1),
+        ignore_index,
+        reduction,
+        chunk_rows,
+        triton_enabled(hidden),
+        grad_on and hidden.requires_grad,
+        grad_on and weight.requires_grad,
+    )
