@@ -1,9 +1,8 @@
-"""Timing and peak-memory measurement shared by the kernel benchmarks (not a benchmark itself)."""
+"""Timing, device and report helpers shared by the kernel benchmarks (peak memory: qtulu.model.memory)."""
 
 from __future__ import annotations
 
 import datetime
-import itertools
 import platform
 import statistics
 import time
@@ -19,6 +18,22 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise QtuluError("--device cuda: this machine has no CUDA device; use --device cpu", 2)
     return torch.device(name)
+
+
+def add_run_args(parser) -> None:
+    """The options every kernel benchmark shares: where it runs, how often, which seed."""
+    parser.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
+    parser.add_argument("--repeats", type=int, help="timed runs per method (default 20 on GPU, 3 on CPU)")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def setup_run(args) -> tuple[torch.device, int]:
+    """The device and the number of timed repeats for parsed `add_run_args` options."""
+    device = pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device, args.repeats or (20 if device.type == "cuda" else 3)
 
 
 def _triton_version() -> str:
@@ -64,33 +79,6 @@ def median_ms(fn, device: torch.device, repeats: int, warmup: int) -> float:
             fn()
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
-
-
-def peak_bytes(fn, device: torch.device) -> int:
-    """Peak memory that `fn()` allocates above what was allocated before it (inputs excluded).
-
-    CUDA: the caching allocator's peak statistics. CPU: every allocation and free the CPU allocator
-    reports to the profiler (profile_memory=True), summed in time order: a real measurement of tensor
-    memory, not a formula.
-    """
-    sync(device)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (event.start_ns(), event.nbytes())
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]" and event.device_type().name == "CPU"
-    )
-    return max([0, *itertools.accumulate(nbytes for _, nbytes in events)])
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

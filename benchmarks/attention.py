@@ -22,8 +22,10 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from qtulu.benchmarks._measure import machine_line, markdown_table, median_ms, peak_bytes, pick_device
+from qtulu.benchmarks._measure import add_run_args, machine_line, markdown_table, median_ms, setup_run
 from qtulu.kernels import varlen_attention, varlen_attention_reference
+
+from qtulu.model.memory import peak_bytes
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -107,31 +109,25 @@ def flash_attn_varlen():
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="qtulu bench attention", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
+    add_run_args(parser)
     parser.add_argument("--tokens", type=int, help="tokens in the packed row (default 16384 GPU, 4096 CPU)")
     parser.add_argument("--heads", type=int, help="query heads (default 32 GPU, 8 CPU)")
     parser.add_argument("--kv-heads", type=int, help="key/value heads (default: --heads; LLaMA-1 has no GQA)")
     parser.add_argument("--head-dim", type=int, help="head dim (default 128 GPU, 64 CPU)")
     parser.add_argument("--dtype", choices=DTYPES, help="default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--max-doc", type=int, default=2048, help="longest document (TÜLU 7B/13B: 2048)")
-    parser.add_argument("--repeats", type=int, help="timed runs per method (default 20 GPU, 3 CPU)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device, repeats = setup_run(args)
     gpu = device.type == "cuda"
     tokens = args.tokens or (16384 if gpu else 4096)
     heads = args.heads or (32 if gpu else 8)
     kv_heads = args.kv_heads or heads
     head_dim = args.head_dim or (128 if gpu else 64)
     dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
-    repeats = args.repeats or (20 if gpu else 3)
 
     gen = torch.Generator().manual_seed(args.seed)
     lengths = tulu_like_lengths(gen, tokens, args.max_doc)

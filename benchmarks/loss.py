@@ -21,8 +21,10 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from qtulu.benchmarks._measure import machine_line, markdown_table, median_ms, peak_bytes, pick_device
+from qtulu.benchmarks._measure import add_run_args, machine_line, markdown_table, median_ms, setup_run
 from qtulu.kernels import fused_linear_cross_entropy
+
+from qtulu.model.memory import peak_bytes
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 IGNORE = -100
@@ -55,30 +57,24 @@ def liger():
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="qtulu bench loss", description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", help="auto (cuda if present), cuda or cpu")
+    add_run_args(parser)
     parser.add_argument("--tokens", type=int, help="tokens in the batch (default 8192 on GPU, 2048 on CPU)")
     parser.add_argument("--vocab", type=int, help="vocabulary size (default 32000 on GPU, 8000 on CPU)")
     parser.add_argument("--hidden", type=int, help="hidden size (default 4096 on GPU, 1024 on CPU)")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
     parser.add_argument("--prompt-fraction", type=float, default=0.5, help="share of tokens labelled -100")
     parser.add_argument("--weight-grad", action="store_true", help="also train the lm_head (full finetuning)")
-    parser.add_argument("--repeats", type=int, help="timed runs per method (default 20 on GPU, 3 on CPU)")
     parser.add_argument("--memory-only", action="store_true", help="skip the timing (big shapes on CPU)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    device = pick_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    device, repeats = setup_run(args)
     gpu = device.type == "cuda"
     tokens = args.tokens or (8192 if gpu else 2048)
     vocab = args.vocab or (32000 if gpu else 8000)
     hidden_size = args.hidden or (4096 if gpu else 1024)
-    repeats = args.repeats or (20 if gpu else 3)
     dtype = DTYPES[args.dtype]
 
     gen = torch.Generator().manual_seed(args.seed)

@@ -12,14 +12,13 @@ reference re-tokenized every prefix; LLaMA's `<|user|>` starts with `▁<` at th
 from __future__ import annotations
 
 import copy
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from qtulu.errors import QtuluError
+from qtulu.files import building_dir
 
 SYSTEM_HEADER = "<|system|>\n"
 USER_HEADER = "<|user|>\n"
@@ -145,14 +144,6 @@ def save_chat_tokenizer(tokenizer, folder: Path) -> Path:
     tok.chat_template = TULU_CHAT_TEMPLATE
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token if tok.unk_token is not None else tok.eos_token
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with building_dir(Path(folder), replace=True) as tmp:
         tok.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+    return Path(folder)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ from qtulu.data.mixtures import build_mixture, resolve_sources_root, source_inpu
 from qtulu.data.packing import best_fit_decreasing, packing_efficiency, padded_fraction, split_into_rows
 from qtulu.data.records import ON_ERROR, Report, data_files
 from qtulu.errors import QtuluError
+from qtulu.files import building_dir
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -152,11 +152,7 @@ def prepare_dataset(
         log(f"reusing {output_dir} (same sources, mix, tokenizer, length, seed and code)")
         return output_dir
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with building_dir(output_dir, replace=True) as tmp:
         manifest = _build(mix, root, chat_tok, max_seq_len, seed, packing, on_error, tmp, log)
         manifest.update(
             fingerprint=fingerprint,
@@ -167,21 +163,7 @@ def prepare_dataset(
         )
         save_chat_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _swap_into_place(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output_dir
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _build(mix, root, chat_tok: ChatTokenizer, max_seq_len, seed, packing, on_error, out: Path, log) -> dict:

@@ -130,6 +130,15 @@ def _guarded(ctx: Context, where: str, fn, *args):
         return []
 
 
+def _numbered(files: list[Path], ctx: Context, examples) -> Iterator[dict]:
+    """Every conversation `examples(rec)` makes of each raw record, with ids `<source>_<n>` in order."""
+    n = 0
+    for rec, where in _each(files, ctx):
+        for msgs in _guarded(ctx, where, examples, rec):
+            yield record(ctx.source, f"{ctx.source}_{n}", msgs)
+            n += 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Instruction-style sources
 
@@ -147,11 +156,7 @@ def _instruction_source(input_key: str, output_key: str):
     """alpaca, gpt4_alpaca, code_alpaca, self_instruct (also the seed-task layout), dolly."""
 
     def convert(files: list[Path], ctx: Context) -> Iterator[dict]:
-        n = 0
-        for rec, where in _each(files, ctx):
-            for msgs in _guarded(ctx, where, _instruction_examples, ctx, rec, input_key, output_key):
-                yield record(ctx.source, f"{ctx.source}_{n}", msgs)
-                n += 1
+        return _numbered(files, ctx, lambda rec: _instruction_examples(ctx, rec, input_key, output_key))
 
     return convert
 
@@ -182,11 +187,7 @@ def _instruction_examples(ctx: Context, rec, input_key: str, output_key: str) ->
 
 def convert_unnatural(files: list[Path], ctx: Context) -> Iterator[dict]:
     """Unnatural Instructions core data: an instruction with instances, each with its own constraints."""
-    n = 0
-    for rec, where in _each(files, ctx):
-        for msgs in _guarded(ctx, where, _unnatural_examples, ctx, rec):
-            yield record(ctx.source, f"{ctx.source}_{n}", msgs)
-            n += 1
+    return _numbered(files, ctx, lambda rec: _unnatural_examples(ctx, rec))
 
 
 def _unnatural_examples(ctx: Context, rec) -> list[list[dict]]:
@@ -206,13 +207,13 @@ def _unnatural_examples(ctx: Context, rec) -> list[list[dict]]:
 # FLAN v2 and chain of thought
 
 
+def _inputs_targets(rec) -> list[list[dict]]:
+    return [chat(get_str(rec, "inputs"), get_str(rec, "targets"))]
+
+
 def convert_flan_v2(files: list[Path], ctx: Context) -> Iterator[dict]:
     """FLAN v2 (inputs, targets): user = inputs, assistant = targets."""
-    n = 0
-    for rec, where in _each(files, ctx):
-        for msgs in _guarded(ctx, where, lambda r: [chat(get_str(r, "inputs"), get_str(r, "targets"))], rec):
-            yield record(ctx.source, f"{ctx.source}_{n}", msgs)
-            n += 1
+    return _numbered(files, ctx, _inputs_targets)
 
 
 def convert_cot(files: list[Path], ctx: Context) -> Iterator[dict]:
@@ -222,7 +223,7 @@ def convert_cot(files: list[Path], ctx: Context) -> Iterator[dict]:
     for path in files:
         if not path.name.lower().removesuffix(".gz").endswith(".tsv"):
             for rec, where in iter_records(path):
-                for msgs in _guarded(ctx, where, lambda r: [chat(get_str(r, "inputs"), get_str(r, "targets"))], rec):
+                for msgs in _guarded(ctx, where, _inputs_targets, rec):
                     yield record(ctx.source, f"{ctx.source}_{n}", msgs)
                     n += 1
             continue
@@ -417,11 +418,7 @@ def _oasst_walk(ctx: Context, node, path: str, messages: list[dict], out: list[d
 def convert_baize(files: list[Path], ctx: Context) -> Iterator[dict]:
     """Baize self-chat transcripts: `input` with [|Human|] / [|AI|] turns, split into messages.
     A turn pair with an empty side ends the conversation there (counted)."""
-    n = 0
-    for rec, where in _each(files, ctx):
-        for msgs in _guarded(ctx, where, _baize_messages, ctx, rec):
-            yield record(ctx.source, f"{ctx.source}_{n}", msgs)
-            n += 1
+    return _numbered(files, ctx, lambda rec: _baize_messages(ctx, rec))
 
 
 def _baize_messages(ctx: Context, rec) -> list[list[dict]]:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from qtulu.errors import QtuluError
+from qtulu.files import building_dir
 
 SMOLLM2_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # hub id -> (pip package that ships it, file inside the package)
@@ -93,13 +92,6 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     config = LlamaConfig(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
     model = LlamaForCausalLM(config)
     model.load_state_dict(loaded.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with building_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise

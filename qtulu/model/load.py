@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from qtulu.config import ArchConfig, RunConfig
 from qtulu.errors import QtuluError
+from qtulu.files import building_dir
 from qtulu.model.hub import qtulu_home, resolve_model_dir
 from qtulu.model.tokenizer import load_tokenizer
 
@@ -61,16 +60,9 @@ def random_model_dir(cfg: RunConfig, seed: int = 0) -> Path:
                          f"{len(tokenizer)} tokens; raise it", 2)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_config(arch, tokenizer))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with building_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
     return target
 
 

@@ -1,52 +1,41 @@
 """Measuring the memory of a real training step, to hold `qtulu plan` to account.
 
-On CUDA this is torch.cuda.max_memory_allocated. On CPU, where PyTorch keeps no allocator
-statistics, `LiveTensorBytes` counts tensor storages: every storage an op creates is added when it
-appears and removed when it is freed (a weak reference tells), so its running maximum is the peak
-of tensor memory, the same quantity the CUDA counter reports.
+`peak_bytes(fn, device)` is the one measurement both the planner's tests and the benchmarks use.
+On CUDA it reads the caching allocator's peak statistics. On CPU, where PyTorch keeps no allocator
+statistics, it sums every allocation and free that the CPU allocator reports to the profiler
+(`profile_memory=True`) in time order: the running maximum is the peak of tensor memory, the same
+quantity the CUDA counter reports.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from qtulu.config import RunConfig
 
 
-class LiveTensorBytes(TorchDispatchMode):
-    """Peak bytes of tensor storages created while the mode is active (CPU and CUDA tensors).
+def peak_bytes(fn, device: torch.device) -> int:
+    """Peak memory that `fn()` allocates above what was allocated before it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
 
-    `existing` are tensors allocated before (weights, the batch): views of them cost nothing new.
-    """
-
-    def __init__(self, existing=()):
-        super().__init__()
-        self.existing = {t.untyped_storage()._cdata for t in existing}
-        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
-        self.current = 0
-        self.peak = 0
-
-    def _drop_freed(self) -> None:
-        freed = [key for key, (ref, _) in self.live.items() if ref.expired()]
-        for key in freed:
-            self.current -= self.live.pop(key)[1]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self._drop_freed()
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                storage = t.untyped_storage()
-                if storage._cdata not in self.live and storage._cdata not in self.existing:
-                    self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
-                    self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        return out
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(
+        (event.start_ns(), event.nbytes())
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type().name == "CPU"
+    )
+    return max([0, *itertools.accumulate(nbytes for _, nbytes in events)])
 
 
 def _storages(tensors) -> dict[int, int]:
@@ -55,14 +44,6 @@ def _storages(tensors) -> dict[int, int]:
         if isinstance(t, torch.Tensor):
             found[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     return found
-
-
-def model_tensors(model) -> list[torch.Tensor]:
-    """Every tensor the model object holds: parameters, buffers and 4-bit quantization states."""
-    tensors = [*model.parameters(), *model.buffers()]
-    for param in model.parameters():
-        tensors += _quant_state_tensors(param)
-    return tensors
 
 
 def _quant_state_tensors(param) -> list[torch.Tensor]:
@@ -129,14 +110,9 @@ def measure_training_step(cfg: RunConfig, device: torch.device | None = None, se
 
     step()
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
+        baseline = torch.cuda.memory_allocated(device)
+    else:  # the model and the optimizer state from the first step
         state = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-        with LiveTensorBytes(existing=[*model_tensors(model), ids, *state]) as tracker:
-            step()
-        peak = sum(static.values()) + sum(_storages(state).values()) + tracker.peak
+        baseline = sum(static.values()) + sum(_storages(state).values()) + ids.untyped_storage().nbytes()
+    peak = baseline + peak_bytes(step, device)
     return StepMemory(static["weights_4bit"], static["weights_other"], static["lora_params"], peak)

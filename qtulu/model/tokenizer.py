@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
-import tempfile
 from pathlib import Path
 
 from qtulu.errors import QtuluError
+from qtulu.files import building_dir
 from qtulu.model.hub import qtulu_home, resolve_model_dir
 
 MICRO_TOKENIZER = "qtulu/micro-bpe"
@@ -62,13 +61,6 @@ def build_micro_tokenizer(vocab_size: int = MICRO_VOCAB_SIZE) -> Path:
     tok.train([str(p) for p in files], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
+    with building_dir(target) as tmp:
         fast.save_pretrained(tmp)
-        tmp.rename(target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "tokenizer.json").is_file():
-            raise
     return target
