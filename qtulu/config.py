@@ -250,15 +250,28 @@ def parse_mix(spec: str, key: str = "--mix") -> tuple[dict, str]:
     return _preset("mixes", spec, key)  # unknown name: the error lists the presets
 
 
+# Replaced whole by a later layer, never merged key by key: a mix is one choice.
+ATOMIC_KEYS = ("mix",)
+
+
 def _merge(base: dict, update: dict, origin: dict, source: str, prefix: str = "") -> None:
-    """Deep-merge `update` into `base`, recording which source set each leaf key."""
+    """Deep-merge `update` into `base`, recording which source set each key."""
     for key, value in update.items():
         path = f"{prefix}{key}"
-        if isinstance(value, dict) and isinstance(base.get(key), dict) and key != "sources":
+        if isinstance(value, dict) and key not in ATOMIC_KEYS:
+            if not isinstance(base.get(key), dict):
+                base[key] = {}
             _merge(base[key], value, origin, source, path + ".")
         else:
             base[key] = value
-            origin[path] = source
+            _record_origin(origin, path, value, source)
+
+
+def _record_origin(origin: dict, path: str, value: Any, source: str) -> None:
+    origin[path] = source
+    if isinstance(value, dict):
+        for key, child in value.items():
+            _record_origin(origin, f"{path}.{key}", child, source)
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, Any, str]]:
@@ -324,11 +337,18 @@ def _model_at(path: tuple) -> type[BaseModel] | None:
     return model
 
 
+def _origin_suffix(origin: dict, key: str) -> str:
+    """` (from SOURCE)`: where the key was set, or, for a section, where its keys were set."""
+    if key in origin:
+        return f" (from {origin[key]})"
+    sources = dict.fromkeys(src for path, src in origin.items() if path.startswith(key + "."))
+    return f" (from {', '.join(sources)})" if sources else ""
+
+
 def _format_error(err: dict, origin: dict, cli_options: tuple[str, ...] = ()) -> str:
     loc = tuple(str(p) for p in err["loc"] if not str(p).startswith("function-after"))
     key = ".".join(loc)
-    where = origin.get(key)
-    suffix = f" (from {where})" if where else ""
+    suffix = _origin_suffix(origin, key)
     if err["type"] == "extra_forbidden":
         model = _model_at(loc[:-1])
         names = list(model.model_fields) if model else []
@@ -390,8 +410,7 @@ def load_config(
         cfg = RunConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError([_format_error(err, origin, cli_options) for err in e.errors()]) from None
-    problems = [f"{key}: {msg}" + (f" (from {origin[key]})" if key in origin else "")
-                for key, msg in combination_errors(cfg)]
+    problems = [f"{key}: {msg}{_origin_suffix(origin, key)}" for key, msg in combination_errors(cfg)]
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -187,3 +187,21 @@ def test_preset_files_are_partial_configs():
         tree = yaml.safe_load(path.read_text())
         tree.setdefault("data", {})["mix"] = {"name": "x", "sources": {"dolly": 1}}
         RunConfig.model_validate(tree)
+
+
+def test_a_later_mix_replaces_the_earlier_one_whole():
+    cfg = load_config(size="7b", mix="human", overrides=["--data.mix", "dolly"])
+    assert cfg.data.mix.name == "dolly"
+    assert cfg.data.mix.sources == {"dolly": 15011}
+    assert cfg.data.mix.description is None  # nothing left over from `human`
+
+
+def test_errors_name_where_a_new_section_or_its_keys_came_from():
+    with pytest.raises(ConfigError) as err:
+        load_config(size="7b", mix="human", overrides=["--launch.gpu_memory_gb", "0"])
+    assert err.value.errors == ["launch.gpu_memory_gb: Input should be greater than 0; got 0 "
+                                "(from --launch.gpu_memory_gb)"]
+    with pytest.raises(ConfigError) as err:
+        load_config(size="7b", mix="human", overrides=["--model.arch.hidden_size", "100"])
+    assert err.value.errors == ["model.arch: hidden_size 100 is not divisible by num_heads 32 "
+                                "(from configs/sizes/7b.yaml, --model.arch.hidden_size)"]
