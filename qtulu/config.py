@@ -173,10 +173,6 @@ class RunConfig(Section):
     def grad_accum_steps(self) -> int:
         return self.optim.batch_size // (self.optim.micro_batch_size * self.launch.num_gpus)
 
-    @property
-    def output_dir(self) -> Path:
-        return Path(self.checkpoint.output_dir.replace("{name}", self.name))
-
 
 def combination_errors(cfg: RunConfig) -> list[tuple[str, str]]:
     """Settings that are each valid but impossible together, as (key path, message)."""

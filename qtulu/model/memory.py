@@ -78,10 +78,6 @@ class StepMemory:
     lora_params: int
     peak: int  # whole step: everything above plus what the step allocated, at its maximum
 
-    @property
-    def static(self) -> int:
-        return self.weights_4bit + self.weights_other + self.lora_params
-
 
 def measure_training_step(cfg: RunConfig, device: torch.device | None = None, seed: int = 0) -> StepMemory:
     """Build the run's model, run two optimizer steps on one full micro-batch, return the memory
