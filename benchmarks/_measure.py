@@ -85,3 +85,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def failure(exc: Exception) -> str:
+    """A table cell for a contender that failed (an installed Liger that errors, a torch without
+    varlen GQA): reported in its row, never fatal to the table."""
+    first_line = str(exc).splitlines()[0][:80] if str(exc) else ""
+    return f"n/a: {type(exc).__name__}: {first_line}"

@@ -22,7 +22,14 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from qtulu.benchmarks._measure import add_run_args, machine_line, markdown_table, median_ms, setup_run
+from qtulu.benchmarks._measure import (
+    add_run_args,
+    failure,
+    machine_line,
+    markdown_table,
+    median_ms,
+    setup_run,
+)
 from qtulu.kernels import varlen_attention, varlen_attention_reference
 
 from qtulu.model.memory import peak_bytes
@@ -80,23 +87,21 @@ def flex_document_mask(cu_seqlens, tokens, device):
 
 
 def torch_varlen():
-    """torch.nn.attention.varlen (PyTorch's flash varlen path), adapting to its signature's version."""
+    """torch.nn.attention.varlen (PyTorch's flash varlen path), adapting to its signature's version.
+    Returns (run, gqa): without native GQA the caller expands the kv heads once, outside the timing."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
-    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    options = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    gqa = "enable_gqa" in params
 
     def run(q, k, v, cu_seqlens, max_len):
-        if k.shape[1] != q.shape[1]:
-            if "enable_gqa" in params:
-                causal["enable_gqa"] = True
-            else:
-                k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
-        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **causal)
+        extra = {"enable_gqa": True} if gqa and k.shape[1] != q.shape[1] else {}
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, **options, **extra)
 
-    return run
+    return run, gqa
 
 
 def flash_attn_varlen():
@@ -139,21 +144,34 @@ def main(argv: list[str]) -> int:
         return torch.randn(tokens, n, head_dim, generator=gen).to(device, dtype).requires_grad_()
 
     q, k, v = draw(heads), draw(kv_heads), draw(kv_heads)
-    q_, k_, v_ = (t.detach() for t in (q, k, v))
     grad_out = torch.randn(tokens, heads, head_dim, generator=gen).to(device, dtype)
 
-    # on CPU qtulu's varlen_attention is SDPA per document itself: one row for both
+    # name -> attention function, or the reason it cannot run here (reported in its row).
+    # On CPU qtulu's varlen_attention is SDPA per document itself: one row for both.
     methods = {"qtulu varlen (Triton)": varlen_attention} if gpu else {}
     methods["SDPA per document" if gpu else "SDPA per document (= qtulu's CPU path)"] = sdpa_per_document
     methods["SDPA dense causal, whole row (leaks)"] = sdpa_dense
     try:
         methods["FlexAttention, document mask"] = flex_document_mask(cu_seqlens, tokens, device)
     except Exception as exc:  # noqa: BLE001 - an unavailable baseline is reported, not fatal
-        print(f"FlexAttention unavailable: {type(exc).__name__}: {exc}")
-    for name, make in (("torch.nn.attention.varlen", torch_varlen), ("flash-attn varlen", flash_attn_varlen)):
-        run = make() if gpu else None
-        if run is not None:
-            methods[name] = run
+        methods["FlexAttention, document mask"] = failure(exc)
+    expanded = set()  # methods given kv heads repeated to the query heads (done once, not timed)
+    if gpu:
+        for name, make in (("torch.nn.attention.varlen", torch_varlen), ("flash-attn varlen", flash_attn_varlen)):
+            try:
+                made = make()
+            except Exception as exc:  # noqa: BLE001 - e.g. an installed flash-attn built for another torch
+                methods[name] = failure(exc)
+                continue
+            if isinstance(made, tuple):  # torch varlen: (run, native GQA)
+                made, gqa = made
+                if not gqa and kv_heads != heads:
+                    name += " (kv heads expanded before timing)"
+                    expanded.add(name)
+            if made is not None:
+                methods[name] = made
+    group = heads // kv_heads
+    k_exp, v_exp = (t.detach().repeat_interleave(group, dim=1).requires_grad_() for t in (k, v))
 
     useful = 4 * head_dim * heads * causal_pairs(lengths)  # forward FLOPs of the in-document work
     with torch.no_grad():
@@ -161,30 +179,36 @@ def main(argv: list[str]) -> int:
 
     rows = []
     for name, fn in methods.items():
+        if isinstance(fn, str):  # could not even be set up
+            rows.append([name, fn] + [""] * 6)
+            continue
         own = 4 * head_dim * heads * causal_pairs([tokens]) if "dense" in name else useful
         row = [name]
+        kq, kk, kv = (q, k_exp, v_exp) if name in expanded else (q, k, v)
+        q_, k_, v_ = (t.detach() for t in (kq, kk, kv))
         try:
             with torch.no_grad():  # forward alone: no graph (FlexAttention on CPU refuses one)
                 got = fn(q_, k_, v_, cu_seqlens, max_len)
                 rel_error = ((got.double() - want).norm() / want.norm()).item()
-                fwd = median_ms(lambda fn=fn: fn(q_, k_, v_, cu_seqlens, max_len), device, repeats, warmup=3)
+                fwd = median_ms(lambda fn=fn, q_=q_, k_=k_, v_=v_: fn(q_, k_, v_, cu_seqlens, max_len), device,
+                                repeats, warmup=3)
             row += [f"{fwd:.2f}", f"{useful / fwd / 1e9:.3g}"]
-        except Exception as exc:  # noqa: BLE001 - an unavailable baseline is reported, not fatal
-            rows.append(row + [f"n/a: {type(exc).__name__}: {str(exc)[:60]}"] + [""] * 6)
+        except Exception as exc:  # noqa: BLE001 - a contender failing at run time is reported in its row
+            rows.append(row + [failure(exc)] + [""] * 6)
             continue
 
-        def step(fn=fn):
-            q.grad = k.grad = v.grad = None
-            fn(q, k, v, cu_seqlens, max_len).backward(grad_out)
+        def step(fn=fn, kq=kq, kk=kk, kv=kv):
+            kq.grad = kk.grad = kv.grad = None
+            fn(kq, kk, kv, cu_seqlens, max_len).backward(grad_out)
 
         try:
             both = median_ms(step, device, repeats, warmup=3)
-            q.grad = k.grad = v.grad = None  # freed before measuring: the CPU profiler cannot see that free
+            kq.grad = kk.grad = kv.grad = None  # freed before measuring: the CPU profiler cannot see that free
             peak = peak_bytes(step, device)
             row += [f"{both:.2f}", f"{3.5 * useful / both / 1e9:.3g}", f"{3.5 * own / both / 1e9:.3g}",
                     f"{peak / 2**20:.0f}"]
         except Exception as exc:  # noqa: BLE001 - e.g. FlexAttention has no backward on CPU
-            row += [f"n/a: {type(exc).__name__}: {str(exc)[:60]}", "", "", ""]
+            row += [failure(exc), "", "", ""]
         rows.append(row + [f"{rel_error:.1e}"])
 
     print(machine_line(device))

@@ -21,7 +21,14 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from qtulu.benchmarks._measure import add_run_args, machine_line, markdown_table, median_ms, setup_run
+from qtulu.benchmarks._measure import (
+    add_run_args,
+    failure,
+    machine_line,
+    markdown_table,
+    median_ms,
+    setup_run,
+)
 from qtulu.kernels import fused_linear_cross_entropy
 
 from qtulu.model.memory import peak_bytes
@@ -87,7 +94,10 @@ def main(argv: list[str]) -> int:
 
     methods = {"lm_head + F.cross_entropy": unfused, "same, labelled rows only": unfused_labelled_rows,
                "qtulu fused": fused}
-    liger_loss = liger() if gpu else None
+    try:
+        liger_loss = liger() if gpu else None
+    except Exception as exc:  # noqa: BLE001 - an installed Liger that fails is reported in its row
+        liger_loss = failure(exc)
     if liger_loss is not None:
         methods["Liger fused"] = liger_loss
 
@@ -100,15 +110,25 @@ def main(argv: list[str]) -> int:
     reference = None
     rows, peaks = [], {}
     for name, fn in methods.items():
-        loss = fn(hidden, weight, labels).item()
-        reference = loss if reference is None else reference
-        ms = "-" if args.memory_only else f"{median_ms(step(fn), device, repeats, warmup=2):.2f}"
-        hidden.grad = weight.grad = None  # freed before measuring: the CPU profiler cannot see that free
-        peaks[name] = peak_bytes(step(fn), device)
+        try:
+            if isinstance(fn, str):  # could not even be set up
+                raise RuntimeError(fn)
+            loss = fn(hidden, weight, labels).item()
+            reference = loss if reference is None else reference
+            ms = "-" if args.memory_only else f"{median_ms(step(fn), device, repeats, warmup=2):.2f}"
+            hidden.grad = weight.grad = None  # freed before measuring: the CPU profiler cannot see that free
+            peaks[name] = peak_bytes(step(fn), device)
+        except Exception as exc:  # noqa: BLE001 - a contender failing at run time is reported in its row
+            if name == "lm_head + F.cross_entropy":
+                raise  # the baseline every ratio needs
+            hidden.grad = weight.grad = None
+            rows.append([name, fn if isinstance(fn, str) else failure(exc), "", "", ""])
+            continue
         rows.append([name, ms, f"{peaks[name] / 2**20:.0f}", "", f"{abs(loss - reference) / reference:.1e}"])
     base = peaks["lm_head + F.cross_entropy"]
-    for row, name in zip(rows, methods, strict=True):
-        row[3] = f"{peaks[name] / base:.3f}"
+    for row in rows:
+        if row[0] in peaks:
+            row[3] = f"{peaks[row[0]] / base:.3f}"
 
     labelled = int((labels != IGNORE).sum())
     print(f"{machine_line(device)}")

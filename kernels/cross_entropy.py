@@ -6,7 +6,11 @@ chunk (cuBLAS), then one kernel pass per row computes log-sum-exp and the row's 
 overwrites the logits with the gradient softmax - onehot, then grad_hidden = grad @ weight and
 grad_weight += grad.T @ hidden. The gradients are thus computed in the forward pass (the loss is
 a scalar, so backward only scales them), and the largest buffer is one chunk of logits, sized like
-the hidden states of all tokens (vocab/hidden chunks, as Liger-Kernel does).
+the hidden states of all tokens (vocab/hidden chunks, as Liger-Kernel does). Without gradients
+(torch.no_grad, or nothing requiring grad) the kernel computes the loss only and writes nothing.
+One host sync per call (the labelled-row count, with the label range check). Under autocast the
+matmuls run in autocast's dtype whatever the inputs' dtypes, as F.linear would; each gradient is
+returned in its input's dtype.
 
 Pieces: `linear_cross_entropy_reference` (pure torch, unfused: F.linear + F.cross_entropy), the
 Triton kernel for the per-chunk softmax/gradient and its torch twin, `FusedLinearCrossEntropyFunction`
@@ -16,6 +20,7 @@ Triton kernel for the per-chunk softmax/gradient and its torch twin, `FusedLinea
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -43,11 +48,20 @@ def _loss_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+NUM_WARPS = 8  # one row per program, up to 8192 logits per tile
+
+
+def kernel_constants(vocab: int, grad: bool) -> dict:
+    """The kernel's compile-time constants for a vocabulary size (also compile_check's)."""
+    return {"BLOCK_V": min(8192, triton.next_power_of_2(vocab)), "GRAD": grad}
+
+
 if triton is not None:
 
     @triton.jit
-    def _cross_entropy_grad_kernel(LOGITS, stride_row, LABELS, LOSS, vocab, BLOCK_V: tl.constexpr):
-        """One row: loss = logsumexp(x) - x[label]; x is overwritten with softmax(x) - onehot(label)."""
+    def _cross_entropy_grad_kernel(LOGITS, stride_row, LABELS, LOSS, vocab, BLOCK_V: tl.constexpr,
+                                   GRAD: tl.constexpr):
+        """One row: loss = logsumexp(x) - x[label]; with GRAD x is overwritten with softmax(x) - onehot(label)."""
         row = tl.program_id(0)
         row_ptr = LOGITS + row.to(tl.int64) * stride_row
         label = tl.load(LABELS + row)
@@ -63,36 +77,37 @@ if triton is not None:
         lse = m + tl.log(s)
         target = tl.load(row_ptr + label).to(tl.float32)  # read before pass 2 overwrites it
         tl.store(LOSS + row, lse - target)
-        # pass 2: gradient of the row's loss with respect to its logits, in place
-        for start in range(0, vocab, BLOCK_V):
-            mask = start + offs < vocab
-            x = tl.load(row_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
-            grad = tl.exp(x - lse) - tl.where(start + offs == label, 1.0, 0.0)
-            tl.store(row_ptr + start + offs, grad.to(LOGITS.dtype.element_ty), mask=mask)
+        if GRAD:  # pass 2: gradient of the row's loss with respect to its logits, in place
+            for start in range(0, vocab, BLOCK_V):
+                mask = start + offs < vocab
+                x = tl.load(row_ptr + start + offs, mask=mask, other=0.0).to(tl.float32)
+                grad = tl.exp(x - lse) - tl.where(start + offs == label, 1.0, 0.0)
+                tl.store(row_ptr + start + offs, grad.to(LOGITS.dtype.element_ty), mask=mask)
 
 
-def _cross_entropy_grad_triton(logits, labels):
+def _cross_entropy_grad_triton(logits, labels, grad):
     loss = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
-    block = min(8192, triton.next_power_of_2(logits.shape[1]))
     _cross_entropy_grad_kernel[(logits.shape[0],)](
-        logits, logits.stride(0), labels, loss, logits.shape[1], BLOCK_V=block, num_warps=8
+        logits, logits.stride(0), labels, loss, logits.shape[1], **kernel_constants(logits.shape[1], grad),
+        num_warps=NUM_WARPS,
     )
     return loss.sum()
 
 
-def _cross_entropy_grad_torch(logits, labels):
-    """Torch twin of the kernel: returns the summed loss, leaves softmax - onehot in `logits`.
-    Works in place (no logsumexp temporary): the largest extra buffer is a float32 copy of a
-    low-precision chunk."""
+def _cross_entropy_grad_torch(logits, labels, grad):
+    """Torch twin of the kernel: returns the summed loss; with `grad`, leaves softmax - onehot in
+    `logits`. Works in place (no logsumexp temporary): the largest extra buffer is a float32 copy
+    of a low-precision chunk."""
     x = logits.to(_loss_dtype(logits.dtype))  # no copy for float32 and float64
     target = x.gather(1, labels[:, None]).squeeze(1)
     row_max = x.amax(1)
     x.sub_(row_max[:, None]).exp_()
     total = x.sum(1)
-    x.div_(total[:, None])
-    x[torch.arange(x.shape[0], device=x.device), labels] -= 1
-    if x is not logits:
-        logits.copy_(x)
+    if grad:
+        x.div_(total[:, None])
+        x[torch.arange(x.shape[0], device=x.device), labels] -= 1
+        if x is not logits:
+            logits.copy_(x)
     return (row_max + total.log() - target).sum()
 
 
@@ -102,35 +117,50 @@ def default_chunk_rows(n_rows: int, hidden_size: int, vocab: int) -> int:
     return max(1, 1 << (max(1, -(-n_rows // n_chunks)) - 1).bit_length())
 
 
+def _labelled_rows(labels, ignore_index, vocab):
+    """Indices of the labelled rows, after one host sync (their count, and the labels' range check)."""
+    labelled = labels != ignore_index
+    out_of_range = labelled & ((labels < 0) | (labels >= vocab))
+    n_labelled, n_bad = torch.stack([labelled.sum(), out_of_range.sum()]).tolist()
+    if n_bad:
+        raise ValueError(f"fused_linear_cross_entropy: labels must be in [0, {vocab}) or {ignore_index}; "
+                         f"{n_bad} are not")
+    # with the count known, nonzero_static needs no second sync
+    return torch.nonzero_static(labelled, size=n_labelled).squeeze(1)
+
+
+def _device_guard(tensor):
+    """Launches go to the current CUDA device: make it the tensors' own (cuda:1 included)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_rows, use_triton, grad_hidden_on,
-                grad_weight_on):
+    def forward(ctx, hidden, weight, labels, ignore_index, reduction, chunk_rows, use_triton, compute_dtype,
+                grad_hidden_on, grad_weight_on):
         ce_grad = _cross_entropy_grad_triton if use_triton else _cross_entropy_grad_torch
-        keep = (labels != ignore_index).nonzero().squeeze(1)
+        grad_on = grad_hidden_on or grad_weight_on  # evaluation: no gradient is written at all
+        keep = _labelled_rows(labels, ignore_index, weight.shape[0])
         n_labelled = keep.numel()
-        vocab = weight.shape[0]
-        if n_labelled:
-            kept_labels = labels[keep]
-            if bool(((kept_labels < 0) | (kept_labels >= vocab)).any()):
-                raise ValueError(
-                    f"fused_linear_cross_entropy: labels must be in [0, {vocab}) or {ignore_index}"
-                )
         # mean: scale after the matmuls, not the per-logit gradients (small ones would underflow in fp16)
         scale = 1.0 / n_labelled if reduction == "mean" and n_labelled else 1.0
         grad_hidden = torch.zeros_like(hidden) if grad_hidden_on else None
         grad_weight = torch.zeros_like(weight) if grad_weight_on else None
-        loss = torch.zeros((), device=hidden.device, dtype=_loss_dtype(hidden.dtype))
-        chunk_rows = chunk_rows or default_chunk_rows(n_labelled, hidden.shape[1], vocab)
-        for rows in keep.split(chunk_rows):
-            h = hidden[rows]
-            logits = h @ weight.T
-            loss += ce_grad(logits, labels[rows].contiguous())
-            if grad_hidden_on:
-                grad_hidden.index_copy_(0, rows, torch.mm(logits, weight).mul_(scale))
-            if grad_weight_on:
-                grad_weight.addmm_(logits.T, h, alpha=scale)
-            del h, logits  # free this chunk before the next one's matmul allocates
+        loss = torch.zeros((), device=hidden.device, dtype=_loss_dtype(compute_dtype))
+        chunk_rows = chunk_rows or default_chunk_rows(n_labelled, hidden.shape[1], weight.shape[0])
+        w = weight.to(compute_dtype)  # under autocast: the lm_head cast once per call, as autocast would
+        with _device_guard(hidden):
+            for rows in keep.split(chunk_rows):
+                h = hidden[rows].to(compute_dtype)
+                logits = h @ w.T
+                loss += ce_grad(logits, labels[rows].contiguous(), grad_on)
+                if grad_hidden_on:
+                    grad_hidden.index_copy_(0, rows, torch.mm(logits, w).mul_(scale).to(hidden.dtype))
+                if grad_weight_on and grad_weight.dtype == compute_dtype:
+                    grad_weight.addmm_(logits.T, h, alpha=scale)
+                elif grad_weight_on:  # a float32 lm_head under bf16 autocast keeps a float32 gradient
+                    grad_weight.add_(torch.mm(logits.T, h), alpha=scale)
+                del h, logits  # free this chunk before the next one's matmul allocates
         # kept on ctx, not saved for backward: they are results, and backward scales them in place
         ctx.grads = (grad_hidden, grad_weight)
         return loss * scale
@@ -146,7 +176,20 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             grad_hidden.mul_(grad_loss.to(grad_hidden.dtype))
         if grad_weight is not None:
             grad_weight.mul_(grad_loss.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, None
+
+
+def _compute_dtype(hidden, weight):
+    """The matmuls' dtype: autocast's where it is on for these tensors (hidden states in float32
+    with a bf16 lm_head, or the reverse, as F.linear would run them), else their common dtype."""
+    device_type = hidden.device.type
+    low_precision = torch.float64 not in (hidden.dtype, weight.dtype)  # autocast leaves float64 alone
+    if low_precision and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"fused_linear_cross_entropy: hidden is {hidden.dtype} and weight {weight.dtype}; "
+                         "cast one, or run under torch.autocast")
+    return hidden.dtype
 
 
 def triton_enabled(tensor: torch.Tensor) -> bool:
@@ -172,15 +215,21 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduct
             f"fused_linear_cross_entropy: hidden (..., H) {tuple(hidden.shape)}, weight (V, H) "
             f"{tuple(weight.shape)} and labels (...) {tuple(labels.shape)} do not fit together"
         )
+    if not hidden.device == weight.device == labels.device:
+        raise ValueError(f"fused_linear_cross_entropy: hidden, weight and labels are on different devices "
+                         f"({hidden.device}, {weight.device}, {labels.device})")
+    compute_dtype = _compute_dtype(hidden, weight)
     grad_on = torch.is_grad_enabled()
-    return FusedLinearCrossEntropyFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]),
-        weight,
-        labels.reshape(-1),
-        ignore_index,
-        reduction,
-        chunk_rows,
-        triton_enabled(hidden),
-        grad_on and hidden.requires_grad,
-        grad_on and weight.requires_grad,
-    )
+    with torch.autocast(hidden.device.type, enabled=False):  # dtypes are chosen above, once
+        return FusedLinearCrossEntropyFunction.apply(
+            hidden.reshape(-1, hidden.shape[-1]),
+            weight,
+            labels.reshape(-1),
+            ignore_index,
+            reduction,
+            chunk_rows,
+            triton_enabled(hidden),
+            compute_dtype,
+            grad_on and hidden.requires_grad,
+            grad_on and weight.requires_grad,
+        )

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from qtulu.errors import QtuluError
 from qtulu.kernels import varlen_attention
+from qtulu.kernels.attention import check_cu_seqlens
 
 ATTENTION_NAME = "qtulu_varlen"
 
@@ -30,6 +31,7 @@ def packed_row_kwargs(seq_lens, device=None) -> dict:
     if lens.numel() == 0 or bool((lens <= 0).any()):
         raise QtuluError(f"packed row: document lengths must be positive, got {lens.tolist()}")
     cu_seqlens = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
+    check_cu_seqlens(cu_seqlens, int(cu_seqlens[-1]))  # built here, on the host: checked once, here
     starts = torch.repeat_interleave(cu_seqlens[:-1], lens)
     position_ids = torch.arange(int(cu_seqlens[-1]), dtype=torch.long) - starts
     max_len = int(lens.max())
@@ -73,6 +75,7 @@ def qtulu_varlen_attention(module, query, key, value, attention_mask, scaling=No
         raise QtuluError(f"{ATTENTION_NAME} attention has no attention dropout; set attention_dropout to 0")
     if not getattr(module, "is_causal", True):
         raise QtuluError(f"{ATTENTION_NAME} attention is causal only; {type(module).__name__} is not causal")
+    _refuse_unsupported(module, tokens, kwargs)
 
     cu_seqlens = kwargs.get("cu_seq_lens_q")
     if cu_seqlens is None and kwargs.get("position_ids") is not None:
@@ -88,6 +91,26 @@ def qtulu_varlen_attention(module, query, key, value, attention_mask, scaling=No
     out = varlen_attention(flat(query), flat(key), flat(value), cu_seqlens, kwargs.get("max_length_q"),
                            softmax_scale=scaling)
     return out.view(batch, tokens, n_heads, head_dim), None
+
+
+def _refuse_unsupported(module, tokens, kwargs) -> None:
+    """Refuse what the kernel does not compute rather than silently computing something else:
+    sliding windows (Mistral, Gemma-2, GPT-OSS), logit soft-capping (Gemma-2), attention sinks
+    (GPT-OSS). A window at least as long as every document changes nothing and is let through."""
+    model_type = getattr(getattr(module, "config", None), "model_type", None) or type(module).__name__
+    window = kwargs.get("sliding_window")
+    longest = kwargs.get("max_length_q") or tokens
+    if window is not None and window < longest:
+        raise QtuluError(
+            f"{ATTENTION_NAME} attention has no sliding window ({model_type} attends to the last {window} tokens, "
+            f"documents here reach {longest}); use attn_implementation='sdpa'"
+        )
+    if kwargs.get("softcap"):
+        raise QtuluError(f"{ATTENTION_NAME} attention has no logit soft-capping ({model_type} caps at "
+                         f"{kwargs['softcap']}); use attn_implementation='sdpa'")
+    if kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None:
+        raise QtuluError(f"{ATTENTION_NAME} attention has no attention sinks ({model_type} uses them); "
+                         "use attn_implementation='sdpa'")
 
 
 def register_varlen_attention() -> str:

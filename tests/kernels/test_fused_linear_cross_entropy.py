@@ -21,13 +21,14 @@ def generator(request) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(request.node.name.encode()))
 
 
-def make_inputs(gen, rows, hidden_size, vocab, dtype, prompt_fraction=0.5, weight_grad=True):
+def make_inputs(gen, rows, hidden_size, vocab, dtype, prompt_fraction=0.5, weight_grad=True, ignore=IGNORE,
+                weight_dtype=None):
     hidden = torch.randn(rows, hidden_size, generator=gen).to(DEVICE, dtype).requires_grad_()
     # scaled so that logits have a spread like a trained model's (softmax neither flat nor one-hot)
-    weight = (torch.randn(vocab, hidden_size, generator=gen) * 2 / hidden_size**0.5).to(DEVICE, dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=gen) * 2 / hidden_size**0.5).to(DEVICE, weight_dtype or dtype)
     weight.requires_grad_(weight_grad)
     labels = torch.randint(0, vocab, (rows,), generator=gen)
-    labels[torch.rand(rows, generator=gen) < prompt_fraction] = IGNORE  # prompt tokens
+    labels[torch.rand(rows, generator=gen) < prompt_fraction] = ignore  # prompt tokens
     return hidden, weight, labels.to(DEVICE)
 
 
@@ -35,18 +36,18 @@ def rel_err(got, want):
     return ((got.double() - want).norm() / want.norm()).item()
 
 
-def float64_reference(hidden, weight, labels, reduction, upstream):
+def float64_reference(hidden, weight, labels, reduction, upstream, ignore=IGNORE):
     h64 = hidden.detach().double().requires_grad_()
     w64 = weight.detach().double().requires_grad_()
-    loss = linear_cross_entropy_reference(h64, w64, labels, IGNORE, reduction)
+    loss = linear_cross_entropy_reference(h64, w64, labels, ignore, reduction)
     (loss * upstream).backward()
     return loss.detach(), h64.grad, w64.grad
 
 
-def check_against_reference(hidden, weight, labels, reduction, chunk_rows=None, upstream=1.7):
-    loss = fused_linear_cross_entropy(hidden, weight, labels, IGNORE, reduction, chunk_rows)
+def check_against_reference(hidden, weight, labels, reduction, chunk_rows=None, upstream=1.7, ignore=IGNORE):
+    loss = fused_linear_cross_entropy(hidden, weight, labels, ignore, reduction, chunk_rows)
     (loss * upstream).backward()
-    ref_loss, ref_dh, ref_dw = float64_reference(hidden, weight, labels, reduction, upstream)
+    ref_loss, ref_dh, ref_dw = float64_reference(hidden, weight, labels, reduction, upstream, ignore)
     tol = TOLERANCE[hidden.dtype]
     assert loss.dtype == (torch.float64 if hidden.dtype == torch.float64 else torch.float32)
     assert abs(loss.item() - ref_loss.item()) <= tol * abs(ref_loss.item())
@@ -78,6 +79,78 @@ def test_torch_path_matches_reference_in_float64(request, monkeypatch, reduction
     monkeypatch.setattr(cross_entropy, "triton_enabled", lambda t: False)
     hidden, weight, labels = make_inputs(generator(request), 150, 32, 300, torch.float64)
     check_against_reference(hidden, weight, labels, reduction, chunk_rows)
+
+
+@pytest.mark.parametrize("ignore", [0, -1])
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_other_ignore_index(request, monkeypatch, ignore, use_kernel):
+    """ignore_index 0 (a real token id: rows labelled 0 are dropped) and -1, with -100 nowhere."""
+    if use_kernel and not triton_enabled(torch.empty(0, device=DEVICE)):
+        pytest.skip("needs triton on a GPU or TRITON_INTERPRET=1")
+    if not use_kernel:
+        monkeypatch.setattr(cross_entropy, "triton_enabled", lambda t: False)
+    hidden, weight, labels = make_inputs(generator(request), 64, 32, 200, torch.float32, ignore=ignore)
+    assert 0 < (labels == ignore).sum() < 64 and not (labels == IGNORE).any()
+    for reduction in ("sum", "mean"):
+        hidden.grad = weight.grad = None
+        check_against_reference(hidden, weight, labels, reduction, chunk_rows=16, ignore=ignore)
+
+
+@pytest.mark.parametrize("hidden_dtype,weight_dtype", [(torch.float32, torch.float16),
+                                                        (torch.float16, torch.float32)])
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_autocast_with_mixed_dtypes(request, monkeypatch, hidden_dtype, weight_dtype, use_kernel):
+    """Under autocast the matmuls run in autocast's dtype whatever the inputs' (hidden states in
+    float32 with a half-precision lm_head, or the reverse), as F.linear does; each gradient comes
+    back in its input's dtype."""
+    if use_kernel and not triton_enabled(torch.empty(0, device=DEVICE)):
+        pytest.skip("needs triton on a GPU or TRITON_INTERPRET=1")
+    if not use_kernel:
+        monkeypatch.setattr(cross_entropy, "triton_enabled", lambda t: False)
+    hidden, weight, labels = make_inputs(generator(request), 64, 48, 300, hidden_dtype, weight_dtype=weight_dtype)
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_rows=16)
+        same_autocast = linear_cross_entropy_reference(hidden, weight, labels)
+    (loss * 1.7).backward()
+    ref_loss, ref_dh, ref_dw = float64_reference(hidden, weight, labels, "sum", 1.7)
+    tol = TOLERANCE[torch.float16]
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref_loss.item()) <= tol * ref_loss.item()
+    assert abs(loss.item() - same_autocast.item()) <= 1e-5 * ref_loss.item()
+    assert hidden.grad.dtype == hidden_dtype and weight.grad.dtype == weight_dtype
+    assert rel_err(hidden.grad, ref_dh) <= tol and rel_err(weight.grad, ref_dw) <= tol
+    with pytest.raises(ValueError, match="cast one, or run under torch.autocast"):
+        fused_linear_cross_entropy(hidden, weight, labels)  # mixed dtypes without autocast
+
+
+@pytest.mark.parametrize("use_kernel", [True, False])
+def test_no_gradient_work_without_grad(request, monkeypatch, use_kernel):
+    """Under torch.no_grad (evaluation), or with nothing requiring grad, the per-chunk pass computes
+    the loss only: no gradient is written into the logits, none allocated."""
+    if use_kernel and not triton_enabled(torch.empty(0, device=DEVICE)):
+        pytest.skip("needs triton on a GPU or TRITON_INTERPRET=1")
+    if not use_kernel:
+        monkeypatch.setattr(cross_entropy, "triton_enabled", lambda t: False)
+    name = "_cross_entropy_grad_triton" if use_kernel else "_cross_entropy_grad_torch"
+    chunk_pass, grads_written = getattr(cross_entropy, name), []
+
+    def spy(logits, labels, grad):
+        loss = chunk_pass(logits, labels, grad)
+        # softmax - onehot sums to 0 in every row; logits (or their exponentials) do not
+        grads_written.append(bool((logits.double().sum(1).abs() < 1e-4).all()))
+        return loss
+
+    monkeypatch.setattr(cross_entropy, name, spy)
+    hidden, weight, labels = make_inputs(generator(request), 40, 32, 120, torch.float32)
+    ref_loss = float64_reference(hidden, weight, labels, "sum", 1.0)[0].item()
+    with torch.no_grad():
+        loss = fused_linear_cross_entropy(hidden, weight, labels, chunk_rows=8)
+    assert loss.item() == pytest.approx(ref_loss, rel=1e-5) and loss.grad_fn is None
+    frozen = fused_linear_cross_entropy(hidden.detach(), weight.detach(), labels, chunk_rows=8)
+    assert frozen.item() == pytest.approx(ref_loss, rel=1e-5)
+    assert grads_written and not any(grads_written)
+    fused_linear_cross_entropy(hidden, weight, labels, chunk_rows=8).backward()  # the control: grads written
+    assert all(grads_written[-3:]) and hidden.grad is not None
 
 
 def test_reference_matches_naive_loop_in_float64(request):

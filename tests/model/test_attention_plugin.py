@@ -36,20 +36,30 @@ def path(request, monkeypatch):
     return request.param
 
 
+def tiny_llama_config():
+    """initializer_range 0.1 makes attention peaked enough that it visibly shapes the logits."""
+    return LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                       num_key_value_heads=2, num_hidden_layers=2, vocab_size=512,
+                       max_position_embeddings=256, initializer_range=0.1)
+
+
 @pytest.fixture
 def models(request):
     """The same random weights twice: one with qtulu_varlen, one with SDPA (for documents alone).
-    initializer_range 0.1 makes attention peaked enough that it visibly shapes the logits."""
+    Each model has a config object of its own: the attention implementation is a config field, so
+    a shared config would switch the reference to qtulu_varlen too (and compare the kernel with itself)."""
     torch.manual_seed(zlib.crc32(request.node.name.encode()))
-    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_attention_heads=4,
-                         num_key_value_heads=2, num_hidden_layers=2, vocab_size=512,
-                         max_position_embeddings=256, initializer_range=0.1)
-    ours = LlamaForCausalLM(config).float()
-    sdpa = LlamaForCausalLM(config).float()
+    ours = LlamaForCausalLM(tiny_llama_config()).float()
+    sdpa = LlamaForCausalLM(tiny_llama_config()).float()
     sdpa.load_state_dict(ours.state_dict())
     sdpa.set_attn_implementation("sdpa")
     use_varlen_attention(ours)
     return ours, sdpa
+
+
+def attention_implementations(model):
+    """The implementation every attention layer will call (each layer reads its config at call time)."""
+    return {layer.self_attn.config._attn_implementation for layer in model.model.layers}
 
 
 def per_document_run(model, input_ids, lengths, logit_weights):
@@ -66,6 +76,9 @@ def per_document_run(model, input_ids, lengths, logit_weights):
 
 def test_packed_row_equals_documents_alone(models, path):
     ours, sdpa = models
+    # the comparison is with transformers' own SDPA, not with ourselves
+    assert attention_implementations(sdpa) == {"sdpa"}
+    assert attention_implementations(ours) == {"qtulu_varlen"}
     input_ids = torch.randint(0, 512, (1, sum(LENGTHS)))
     logit_weights = torch.randn(1, sum(LENGTHS), 512)  # a random linear loss touches every logit
 
@@ -136,3 +149,42 @@ def test_padding_and_kv_cache_are_refused(models):
         ours(input_ids, attention_mask=padding)
     with pytest.raises(QtuluError, match="KV cache"):
         ours.generate(input_ids[:1], max_new_tokens=2, do_sample=False)
+
+
+def tiny_model(model_type, **overrides):
+    """A random-init one-layer model of another family, on qtulu_varlen."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = dict(hidden_size=64, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                 num_hidden_layers=1, vocab_size=128, max_position_embeddings=256)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **sizes, **overrides))
+    return use_varlen_attention(model.float())
+
+
+@pytest.mark.parametrize("model_type,overrides,message", [
+    ("mistral", {"sliding_window": 16}, r"no sliding window \(mistral attends to the last 16 tokens"),
+    ("gemma2", {"sliding_window": 4096, "attn_logit_softcapping": 50.0}, r"no logit soft-capping \(gemma2"),
+    ("gpt_oss", {"sliding_window": 4096, "num_local_experts": 2, "num_experts_per_tok": 1},
+     r"no attention sinks \(gpt_oss"),
+])
+def test_unsupported_attention_is_refused(monkeypatch, model_type, overrides, message):
+    """What the kernel does not compute is refused with one line naming the model type, not ignored."""
+    monkeypatch.setattr(attention, "triton_enabled", lambda t: False)  # the refusal precedes any kernel
+    model = tiny_model(model_type, **overrides)
+    input_ids = torch.randint(0, 128, (1, 40))
+    with pytest.raises(QtuluError, match=message) as raised:
+        model(input_ids, use_cache=False, **packed_row_kwargs([30, 10]))
+    assert "\n" not in str(raised.value)
+
+
+def test_window_longer_than_every_document_is_allowed(monkeypatch):
+    """Mistral-7B's 4,096-token window changes nothing for documents of at most 4,096 tokens."""
+    monkeypatch.setattr(attention, "triton_enabled", lambda t: False)
+    model = tiny_model("mistral", sliding_window=32)
+    input_ids = torch.randint(0, 128, (1, 40))
+    with torch.no_grad():
+        packed = model(input_ids, use_cache=False, **packed_row_kwargs([30, 10])).logits
+        model.set_attn_implementation("sdpa")
+        alone = torch.cat([model(input_ids[:, :30], use_cache=False).logits,
+                           model(input_ids[:, 30:], use_cache=False).logits], dim=1)
+    assert rel_err(packed, alone) <= 1e-5
