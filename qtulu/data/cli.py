@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.text import Text
 
 from qtulu.errors import QtuluError
+from qtulu.model.hub import SMOLLM2_ID
 
 app = typer.Typer(
     help="Convert raw sources, prepare packed datasets, inspect them.",
@@ -68,7 +69,8 @@ def convert(
     output: Path = typer.Option(..., "--output", "-o", help="Messages JSONL to write."),
     seed: int = typer.Option(42, "--seed", help="Seed for the instruction templates and samples."),
     tokenizer: str = typer.Option(None, "--tokenizer", help="Split long ShareGPT conversations with this tokenizer."),
-    max_seq_len: int = typer.Option(2048, "--max-seq-len", help="Chunk length for the ShareGPT split."),
+    max_seq_len: int = typer.Option(2048, "--max-seq-len", min=8, help="Chunk length for the ShareGPT split."),
+    bos: str = typer.Option("auto", "--bos", help="auto, always or never: whether chunks count a BOS (as prepare)."),
     on_error: str = typer.Option("raise", "--on-error", help="raise: stop at a bad record; skip: count and go on."),
 ):
     """Convert a raw source to messages JSONL (`{"dataset", "id", "messages"}` per line).
@@ -81,28 +83,31 @@ def convert(
     ```
     """
     from qtulu.config import SOURCE_NAMES
+    from qtulu.data.chat import BOS_MODES, check_choice
     from qtulu.data.records import ON_ERROR, Report
+    from qtulu.data.sources import TOKENS_KEY, make_context
     from qtulu.data.sources import convert as run_convert
-    from qtulu.data.sources import make_context
 
     if source not in SOURCE_NAMES:
         raise QtuluError(f"{source}: unknown source; choose one of: {', '.join(SOURCE_NAMES)}", 2)
     if on_error not in ON_ERROR:
         raise QtuluError(f"--on-error: unknown value {on_error!r}; choose raise or skip", 2)
+    check_choice("--bos", bos, BOS_MODES)
     paths = _input_paths(source, inputs)
-    count_tokens = None
+    chat_tok = None
     if tokenizer:
         from qtulu.data.chat import ChatTokenizer
-        from qtulu.model.tokenizer import load_tokenizer
+        from qtulu.model.tokenizer import load_text_tokenizer
 
-        count_tokens = ChatTokenizer(load_tokenizer(tokenizer), max_seq_len).count_tokens
+        chat_tok = ChatTokenizer(load_text_tokenizer(tokenizer), max_seq_len, bos=bos)
     report = Report(on_error=on_error)
-    ctx = make_context(source, seed, report, max_seq_len=max_seq_len, count_tokens=count_tokens)
+    ctx = make_context(source, seed, report, max_seq_len=max_seq_len, chat_tokenizer=chat_tok)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f".{output.name}.partial-{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             for rec in run_convert(source, paths, ctx):
+                rec.pop(TOKENS_KEY, None)
                 f.write(json.dumps(rec, ensure_ascii=False) + "\n")
         tmp.replace(output)
     finally:
@@ -114,8 +119,14 @@ def convert(
 @app.command()
 def prepare(
     mix: str = typer.Option(..., "--mix", "-m", help="human, gpt, human+gpt, sample, a source, a YAML, or a:N,b."),
-    output: Path = typer.Option(..., "--output", "-o", help="Dataset folder to write (reused if it matches)."),
-    tokenizer: str = typer.Option(..., "--tokenizer", help="Tokenizer: local folder, hub id, or qtulu/micro-bpe."),
+    output: Path = typer.Option(
+        None, "--output", "-o", help="Dataset folder to write (reused if it matches); default data/MIX."
+    ),
+    tokenizer: str = typer.Option(
+        SMOLLM2_ID,
+        "--tokenizer",
+        help="Tokenizer: local folder, hub id, or qtulu/micro-bpe (default: the demo model's, offline).",
+    ),
     sources: str = typer.Option(
         None,
         "--sources",
@@ -128,6 +139,18 @@ def prepare(
         "--packing",
         help="bfd (best-fit decreasing), split (documents may be cut across rows) or padded (one document per row).",
     ),
+    labels: str = typer.Option(
+        "tulu",
+        "--labels",
+        help="tulu: train assistant content + EOS; reference: also the newline after each non-final EOS, "
+        "the exact tokens of open-instruct's 2023 encode_with_messages_format.",
+    ),
+    bos: str = typer.Option(
+        "auto",
+        "--bos",
+        help="auto: the model family's BOS (LLaMA's <s>; none where the declared BOS is a chat marker, as "
+        "SmolLM2's <|im_start|>); always: the tokenizer's BOS; never.",
+    ),
     on_error: str = typer.Option("raise", "--on-error", help="raise: stop at a bad record; skip: count and go on."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a matching dataset is there."),
 ):
@@ -138,14 +161,20 @@ def prepare(
     ```
     qtulu data prepare --mix sample --tokenizer qtulu/micro-bpe --max-seq-len 512 -o data/sample
     qtulu data prepare --mix human+gpt --sources raw/ --tokenizer llama-7b/ -o data/tulu-2048
+    qtulu data prepare --mix sharegpt --sources raw/ --tokenizer llama/ --packing padded --labels reference
     ```
     """
+    from qtulu.data.chat import BOS_MODES, LABELS, check_choice
     from qtulu.data.mixtures import load_mix
     from qtulu.data.prepare import dataset_stats, prepare_dataset
-    from qtulu.model.tokenizer import load_tokenizer
+    from qtulu.model.tokenizer import load_text_tokenizer
 
+    check_choice("--labels", labels, LABELS)
+    check_choice("--bos", bos, BOS_MODES)
     mix_cfg = load_mix(mix)
-    tok = load_tokenizer(tokenizer)
+    if output is None:
+        output = Path("data") / "".join(c if c.isalnum() or c in "-_." else "_" for c in mix_cfg.name)[:60]
+    tok = load_text_tokenizer(tokenizer)
     folder = prepare_dataset(
         mix_cfg,
         sources,
@@ -157,6 +186,8 @@ def prepare(
         on_error=on_error,
         log=_log,
         force=force,
+        labels=labels,
+        bos=bos,
     )
     _print_stats(dataset_stats(folder))
 
@@ -230,12 +261,12 @@ def show(
     ```
     """
     from qtulu.data.prepare import PreparedDataset
-    from qtulu.model.tokenizer import load_tokenizer
+    from qtulu.model.tokenizer import load_text_tokenizer
 
     ds = PreparedDataset(folder)
     if not 0 <= row < len(ds):
         raise QtuluError(f"--row {row}: out of range; {folder} has rows 0..{len(ds) - 1}", 2)
-    tok = load_tokenizer(str(ds.tokenizer_dir()))
+    tok = load_text_tokenizer(str(ds.tokenizer_dir()))
     r = ds[row]
     console.print(
         f"row {row} of {len(ds)}: {len(r.input_ids)} tokens, {len(r.seq_lens)} documents, "

@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from qtulu.config import MixConfig
-from qtulu.data.chat import IGNORE_INDEX, ChatTokenizer, save_chat_tokenizer
+from qtulu.data.chat import BOS_MODES, IGNORE_INDEX, LABELS, ChatTokenizer, check_choice, save_chat_tokenizer
 from qtulu.data.mixtures import build_mixture, resolve_sources_root, source_inputs
 from qtulu.data.packing import best_fit_decreasing, packing_efficiency, padded_fraction, split_into_rows
 from qtulu.data.records import ON_ERROR, Report, data_files
+from qtulu.data.sources import TOKENS_KEY
 from qtulu.errors import QtuluError
 from qtulu.files import building_dir
 
@@ -52,9 +53,19 @@ def _hash_file(path: Path, h) -> None:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    h = hashlib.sha256(type(tokenizer).__name__.encode())
+    """What decides the tokens: the tokenizer's pipeline and vocabulary and its special tokens. The
+    same files give the same fingerprint whether transformers or qtulu's TextTokenizer loaded them
+    (padding/truncation settings and the post-processor are left out: we never let the tokenizer
+    add special tokens; the BOS we add is fingerprinted as data.bos's result)."""
+    h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update((backend.to_str() if backend is not None else repr(tokenizer.get_vocab())).encode())
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        for key in ("truncation", "padding", "post_processor"):
+            spec.pop(key, None)
+        h.update(json.dumps(spec).encode())
+    else:
+        h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
     h.update(repr((tokenizer.bos_token, tokenizer.eos_token, tokenizer.bos_token_id, tokenizer.eos_token_id)).encode())
     return h.hexdigest()
 
@@ -69,7 +80,16 @@ def code_fingerprint() -> str:
 
 
 def dataset_fingerprint(
-    mix: MixConfig, root: Path | None, tokenizer, max_seq_len: int, seed: int, packing: str, on_error: str
+    mix: MixConfig,
+    root: Path | None,
+    tokenizer,
+    max_seq_len: int,
+    seed: int,
+    packing: str,
+    on_error: str,
+    labels: str = "tulu",
+    bos: str = "auto",
+    bos_id: int | None = None,
 ) -> tuple[str, dict]:
     """(hash, what went into it). Source files count by name, size, mtime and contents."""
     h = hashlib.blake2b(digest_size=16)
@@ -92,6 +112,9 @@ def dataset_fingerprint(
         "seed": seed,
         "packing": packing,
         "on_error": on_error,
+        "labels": labels,
+        "bos": bos,
+        "bos_id": bos_id,
         "code": code_fingerprint(),
     }
     h.update(json.dumps(parts, sort_keys=True).encode())
@@ -127,11 +150,16 @@ def prepare_dataset(
     on_error: str = "raise",
     log=None,
     force: bool = False,
+    labels: str = "tulu",
+    bos: str = "auto",
 ) -> Path:
     """Build (or reuse) the prepared dataset for this mix at `output_dir`; returns the folder.
 
     packing: True/"bfd" (best-fit decreasing, documents whole), "split" (documents cut across rows),
     False/"padded" (one document per row; the loader pads to the longest in a batch).
+    labels: "tulu" (assistant content + EOS) or "reference" (also the newline after each non-final
+    EOS, open-instruct's 2023 tokens); bos: "auto", "always" or "never" (qtulu.data.chat).
+    tokenizer: a transformers fast tokenizer or a qtulu TextTokenizer.
     A folder whose manifest has the same fingerprint is reused unless `force`.
     """
     packing = {True: "bfd", False: "padded"}.get(packing, packing)
@@ -139,17 +167,21 @@ def prepare_dataset(
         raise QtuluError(f"packing: unknown mode {packing!r}; choose one of {', '.join(PACKINGS)}", 2)
     if on_error not in ON_ERROR:
         raise QtuluError(f"--on-error: unknown value {on_error!r}; choose raise or skip", 2)
+    check_choice("--labels", labels, LABELS)
+    check_choice("--bos", bos, BOS_MODES)
     output_dir = Path(output_dir).expanduser()
     log = log or (lambda msg: None)
     existing = read_manifest(output_dir)
     if output_dir.exists() and (not output_dir.is_dir() or (existing is None and any(output_dir.iterdir()))):
         raise QtuluError(f"{output_dir}: exists and is not a qtulu prepared dataset; choose a new or empty folder")
     root = resolve_sources_root(mix, sources_dir)
-    chat_tok = ChatTokenizer(tokenizer, max_seq_len)
-    fingerprint, parts = dataset_fingerprint(mix, root, tokenizer, max_seq_len, seed, packing, on_error)
+    chat_tok = ChatTokenizer(tokenizer, max_seq_len, labels=labels, bos=bos)
+    fingerprint, parts = dataset_fingerprint(
+        mix, root, tokenizer, max_seq_len, seed, packing, on_error, labels, bos, chat_tok.bos_id
+    )
     reusable = existing and existing.get("fingerprint") == fingerprint and is_complete(output_dir, existing)
     if reusable and not force:
-        log(f"reusing {output_dir} (same sources, mix, tokenizer, length, seed and code)")
+        log(f"reusing {output_dir} (same sources, mix, tokenizer, length, labels, BOS, seed and code)")
         return output_dir
 
     with building_dir(output_dir, replace=True) as tmp:
@@ -160,8 +192,11 @@ def prepare_dataset(
             mix_name=mix.name,
             sources_dir=str(root) if root else "hub",
             tokenizer_name=str(tokenizer.name_or_path),
+            labels=labels,
+            bos=bos,
+            bos_token_id=chat_tok.bos_id,
         )
-        save_chat_tokenizer(tokenizer, tmp / TOKENIZER_DIR)
+        save_chat_tokenizer(tokenizer, tmp / TOKENIZER_DIR, chat_tok.template)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return output_dir
 
@@ -171,8 +206,9 @@ def _build(mix, root, chat_tok: ChatTokenizer, max_seq_len, seed, packing, on_er
     work = out / "work"
     report = Report(on_error=on_error)
     mixture = build_mixture(
-        mix, root, work, seed, report, max_seq_len=max_seq_len, count_tokens=chat_tok.count_tokens, log=log
-    )
+        mix, root, work, seed, report, max_seq_len=max_seq_len, count_tokens=chat_tok.count_tokens, log=log,
+        chat_tokenizer=chat_tok,
+    )  # fmt: skip
     for w in mixture.warnings:
         log(f"warning: {w}")
     if len(mixture) == 0:
@@ -185,7 +221,10 @@ def _build(mix, root, chat_tok: ChatTokenizer, max_seq_len, seed, packing, on_er
 
         def flush():
             nonlocal truncated, trainable
-            for rec, tok in zip(batch, chat_tok([r["messages"] for r in batch]), strict=True):
+            todo = [r["messages"] for r in batch if TOKENS_KEY not in r]  # tokens the converter made are kept
+            fresh = iter(chat_tok(todo) if todo else [])
+            for rec in batch:
+                tok = rec[TOKENS_KEY] if TOKENS_KEY in rec else next(fresh)
                 if isinstance(tok, str):
                     drops[f"{rec['dataset']}: {tok}"] += 1
                     continue
@@ -275,16 +314,19 @@ def _write_shard(path: Path, rows: list, starts: np.ndarray, ids_mm: np.memmap, 
         seq_offsets.append(len(seq_lens))
     ids = np.concatenate(pieces_ids).astype(np.int32)
     labels = np.where(np.concatenate(pieces_mask).astype(bool), ids, IGNORE_INDEX).astype(np.int32)
-    offsets = pa.array(np.asarray(row_offsets, dtype=np.int32))
-    table = pa.table(
-        {
-            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(ids)),
-            "labels": pa.ListArray.from_arrays(offsets, pa.array(labels)),
-            "seq_lens": pa.ListArray.from_arrays(
-                pa.array(np.asarray(seq_offsets, dtype=np.int32)),
-                pa.array(np.asarray(seq_lens, dtype=np.int32)),
-            ),
-        }
+
+    def int32s(values) -> pa.Array:  # from the buffer: pa.array(ndarray) imports pandas (~0.4 s)
+        values = np.ascontiguousarray(values, dtype=np.int32)
+        return pa.Array.from_buffers(pa.int32(), len(values), [None, pa.py_buffer(values)])
+
+    offsets = int32s(row_offsets)
+    table = pa.Table.from_arrays(
+        [
+            pa.ListArray.from_arrays(offsets, int32s(ids)),
+            pa.ListArray.from_arrays(offsets, int32s(labels)),
+            pa.ListArray.from_arrays(int32s(seq_offsets), int32s(seq_lens)),
+        ],
+        names=["input_ids", "labels", "seq_lens"],
     )
     pq.write_table(table, path, row_group_size=256, compression="zstd")
 
@@ -312,7 +354,10 @@ class Row:
 
 
 class PreparedDataset:
-    """Random access to the rows of a prepared dataset; keeps one shard in memory at a time."""
+    """Random access to the rows of a prepared dataset; keeps one decoded shard in memory.
+
+    Read rows shard by shard (qtulu.train.batches.epoch_order does): each shard is then decoded
+    once per pass, not once per row."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -332,9 +377,14 @@ class PreparedDataset:
         self.bounds = np.cumsum([0] + [s["rows"] for s in self.shards])
         self.max_seq_len = self.manifest["max_seq_len"]
         self._cached: tuple[int, dict] | None = None
+        self.shard_reads = 0  # how many times a shard was decoded (tests hold the loader to one per pass)
 
     def __len__(self) -> int:
         return int(self.bounds[-1])
+
+    @property
+    def shard_rows(self) -> list[int]:
+        return [s["rows"] for s in self.shards]
 
     def _shard(self, k: int) -> dict:
         if self._cached is None or self._cached[0] != k:
@@ -346,6 +396,7 @@ class PreparedDataset:
                 arr = table.column(name).combine_chunks()
                 cols[name] = (arr.offsets.to_numpy(), arr.values.to_numpy())
             self._cached = (k, cols)
+            self.shard_reads += 1
         return self._cached[1]
 
     def __getitem__(self, i: int) -> Row:
@@ -365,20 +416,41 @@ class PreparedDataset:
         return self.folder / TOKENIZER_DIR
 
 
+def _shift_labels(labels: np.ndarray, cu_seqlens: np.ndarray) -> np.ndarray:
+    """Next-token targets: shift_labels[t] = labels[t + 1] within a document, -100 on each
+    document's last token (it must not learn to predict the next document's first token)."""
+    shifted = np.full_like(labels, IGNORE_INDEX)
+    shifted[:-1] = labels[1:]
+    shifted[cu_seqlens[1:] - 1] = IGNORE_INDEX
+    return shifted
+
+
 def collate_packed(rows: list[Row]) -> dict:
-    """Rows flattened into one sequence (batch dimension 1) with document boundaries: the
-    padding-free layout for varlen attention. Labels stay unshifted (as HF models expect)."""
+    """Rows flattened into one sequence (batch dimension 1), the padding-free layout for varlen
+    attention. The boundaries go under the names transformers hands to attention functions
+    (cu_seq_lens_q/k, max_length_q/k), built here once per batch, so no layer has to find them
+    again from position_ids. `labels` stay unshifted (HF convention); `shift_labels` are the
+    targets with document ends masked."""
     import torch
 
     ids = np.concatenate([r.input_ids for r in rows])
-    seq_lens = np.concatenate([r.seq_lens for r in rows])
+    seq_lens = np.concatenate([r.seq_lens for r in rows]).astype(np.int64)
+    if len(seq_lens) == 0 or (seq_lens <= 0).any() or seq_lens.sum() != len(ids):
+        raise QtuluError(f"packed batch: document lengths {seq_lens.tolist()} do not cover its {len(ids)} tokens; "
+                         "prepare the dataset again")
     flat = Row(ids, np.concatenate([r.labels for r in rows]), seq_lens)
+    cu_seqlens = flat.cu_seqlens
+    cu = torch.from_numpy(cu_seqlens)
+    max_len = int(seq_lens.max())
     return {
         "input_ids": torch.from_numpy(ids.astype(np.int64))[None],
         "labels": torch.from_numpy(flat.labels.astype(np.int64))[None],
+        "shift_labels": torch.from_numpy(_shift_labels(flat.labels.astype(np.int64), cu_seqlens))[None],
         "position_ids": torch.from_numpy(flat.position_ids.astype(np.int64))[None],
-        "cu_seqlens": torch.from_numpy(flat.cu_seqlens),
-        "max_seqlen": int(seq_lens.max()),
+        "cu_seq_lens_q": cu,
+        "cu_seq_lens_k": cu,
+        "max_length_q": max_len,
+        "max_length_k": max_len,
     }
 
 
@@ -389,14 +461,17 @@ def collate_padded(rows: list[Row], pad_id: int) -> dict:
     width = max(len(r.input_ids) for r in rows)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
+    shift = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)
     mask = np.zeros((len(rows), width), dtype=np.int64)
     positions = np.zeros((len(rows), width), dtype=np.int64)
     for b, r in enumerate(rows):
         n = len(r.input_ids)
         ids[b, :n], labels[b, :n], mask[b, :n], positions[b, :n] = r.input_ids, r.labels, 1, r.position_ids
+        shift[b, :n] = _shift_labels(r.labels.astype(np.int64), r.cu_seqlens)
     return {
         "input_ids": torch.from_numpy(ids),
         "labels": torch.from_numpy(labels),
+        "shift_labels": torch.from_numpy(shift),
         "attention_mask": torch.from_numpy(mask),
         "position_ids": torch.from_numpy(positions),
     }

@@ -97,14 +97,28 @@ class Context:
     rng: random.Random
     report: Report = field(default_factory=Report)
     folder: Path | None = None
-    # ShareGPT splitting: max tokens of a rendered conversation, and a batch token counter.
+    # ShareGPT splitting: max tokens of a rendered conversation, and either the ChatTokenizer whose
+    # one tokenization gives both the chunk boundaries and the chunks' tokens (records then carry
+    # them under TOKENS_KEY), or a plain batch token counter (chunk sizes estimated per message).
     max_seq_len: int | None = None
     count_tokens: Callable[[list[str]], list[int]] | None = None
+    chat_tokenizer: object | None = None  # qtulu.data.chat.ChatTokenizer
     header_tokens: int | None = None  # tokens of the chat headers around one turn pair, counted once
+
+
+# A record's tokens (a Tokenized, or the reason it was dropped), when its converter made them anyway;
+# never written to JSONL.
+TOKENS_KEY = "_tokens"
+SPLIT_BATCH = 64  # conversations tokenized together (the Rust tokenizer uses every core on a batch)
 
 
 def make_context(source: str, seed: int, report: Report | None = None, **kwargs) -> Context:
     # One RNG per source, so adding a source to a mix does not change another source's templates.
+    from qtulu.data.chat import ChatTokenizer
+
+    owner = getattr(kwargs.get("count_tokens"), "__self__", None)
+    if kwargs.get("chat_tokenizer") is None and isinstance(owner, ChatTokenizer):
+        kwargs["chat_tokenizer"] = owner  # a ChatTokenizer's counter: split with its one tokenization
     return Context(source=source, rng=random.Random(f"{seed}:{source}"), report=report or Report(), **kwargs)
 
 
@@ -454,14 +468,34 @@ def convert_sharegpt(files: list[Path], ctx: Context) -> Iterator[dict]:
     (counted by reason); a leading assistant turn (a chunk of an already split export) and a trailing
     user turn are trimmed. With a tokenizer, long conversations are split into chunks that fit the max
     length, on turn-pair boundaries."""
-    if ctx.count_tokens is None:
+    splitter = ctx.chat_tokenizer if ctx.max_seq_len is not None else None
+    if ctx.count_tokens is None and splitter is None:
         ctx.report.note("sharegpt: conversations were not split at a max length (no tokenizer given)")
+    pending: list[tuple[str, list[dict]]] = []
+
+    def chunked(rid: str, chunks: list) -> Iterator[dict]:
+        for k, chunk in enumerate(chunks):
+            yield record(ctx.source, f"sharegpt_{rid}" + (f"_part{k}" if len(chunks) > 1 else ""), chunk)
+
+    def flush() -> Iterator[dict]:
+        splits = splitter.split([msgs for _, msgs in pending])
+        for (rid, _), pieces in zip(pending, splits, strict=True):
+            for rec, (_, tokens) in zip(chunked(rid, [msgs for msgs, _ in pieces]), pieces, strict=True):
+                rec[TOKENS_KEY] = tokens
+                yield rec
+        pending.clear()
+
     for rec, where in _each(files, ctx):
         for msgs in _guarded(ctx, where, _sharegpt_messages, ctx, rec):
             rid = str(rec.get("id") or where.rsplit(":", 1)[-1])
-            chunks = _split_turn_pairs(ctx, msgs)
-            for k, chunk in enumerate(chunks):
-                yield record(ctx.source, f"sharegpt_{rid}" + (f"_part{k}" if len(chunks) > 1 else ""), chunk)
+            if splitter is None:
+                yield from chunked(rid, _split_turn_pairs(ctx, msgs))
+                continue
+            pending.append((rid, msgs))
+            if len(pending) == SPLIT_BATCH:
+                yield from flush()
+    if pending:
+        yield from flush()
 
 
 def _sharegpt_messages(ctx: Context, rec) -> list[list[dict]]:
@@ -505,8 +539,10 @@ def _sharegpt_messages(ctx: Context, rec) -> list[list[dict]]:
 
 
 def _split_turn_pairs(ctx: Context, messages: list[dict]) -> list[list[dict]]:
-    """Greedy chunks of whole (user, assistant) pairs whose token count fits max_seq_len (one BOS and
-    the chat headers included); a single pair longer than that is its own chunk (truncated later)."""
+    """Greedy chunks of whole (user, assistant) pairs whose estimated token count (each message
+    counted on its own, one BOS and the chat headers added) fits max_seq_len; a single pair longer
+    than that is its own chunk (truncated later). Only for a bare token counter: with a
+    ChatTokenizer the sizes are exact (ChatTokenizer.split)."""
     if ctx.count_tokens is None or ctx.max_seq_len is None:
         return [messages]
     counts = ctx.count_tokens([m["content"] for m in messages])

@@ -1,12 +1,13 @@
 """The chat format and assistant-only labels: against an independent slow check on real ShareGPT and
-OASST conversations with the LLaMA and SmolLM2 tokenizers, against the reference's prefix
-re-tokenization where that is prefix-consistent, and against the saved Jinja chat template."""
+OASST conversations with the LLaMA and SmolLM2 tokenizers, against the oracle of the reference's
+encode_with_messages_format (benchmarks/data.py), and against the saved Jinja chat template; BOS by
+model family; ShareGPT chunks cut from the one tokenization."""
 
 import itertools
 
 import numpy as np
 import pytest
-from qtulu.benchmarks.data import prefix_labels
+from qtulu.benchmarks.data import newline_after_eos, reference_bos_id, reference_encode
 
 from qtulu.data.chat import (
     DROP_NO_TRAINABLE,
@@ -18,6 +19,7 @@ from qtulu.data.chat import (
 )
 from qtulu.data.records import Report
 from qtulu.data.sources import convert, make_context
+from qtulu.errors import QtuluError
 
 CONVERSATION = [
     {"role": "system", "content": "  Be brief. "},
@@ -30,11 +32,14 @@ CONVERSATION = [
 
 def test_render_is_the_tulu_format():
     text, spans = render(CONVERSATION, "</s>")
-    assert text == (
+    assert text == (  # no newline after the last turn: the reference stripped the whole text
         "<|system|>\nBe brief.\n<|user|>\nHi there\n<|assistant|>\nHello!</s>\n"
-        "<|user|>\nWhat is 2+2?\n<|assistant|>\n4</s>\n"
+        "<|user|>\nWhat is 2+2?\n<|assistant|>\n4</s>"
     )
     assert [text[a:b] for a, b in spans] == ["Hello!</s>", "4</s>"]
+    ref_text, ref_spans = render(CONVERSATION, "</s>", labels="reference")
+    assert ref_text == text
+    assert [text[a:b] for a, b in ref_spans] == ["Hello!</s>\n", "4</s>"]  # the newline after a non-final EOS
 
 
 @pytest.mark.parametrize(
@@ -64,7 +69,11 @@ def real_conversations(shared_data):
     return out
 
 
-def independent_expectation(tokenizer, messages, max_len):
+# BOS by model family: LLaMA's <s>; nothing for SmolLM2, whose declared BOS is <|im_start|>
+FAMILY_BOS = {"llama_tokenizer": "<s>", "smollm2_tokenizer": None}
+
+
+def independent_expectation(tokenizer, messages, max_len, bos_token):
     """Slow, separate from the code under test: the text is built here from the format's spec, the
     assistant answers are located with str.find, tokens come from the HF call with offsets."""
     text, spans, cursor = "", [], 0
@@ -75,10 +84,11 @@ def independent_expectation(tokenizer, messages, max_len):
             start = text.find(header + m["content"].strip(), cursor) + len(header)
             spans.append((start, start + len(m["content"].strip())))
         cursor = len(text)
+    text = text.removesuffix("\n")
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(enc["input_ids"]), list(enc["offset_mapping"])
-    if tokenizer.bos_token_id is not None:
-        ids, offsets = [tokenizer.bos_token_id] + ids, [(0, 0)] + offsets
+    if bos_token is not None:
+        ids, offsets = [tokenizer.convert_tokens_to_ids(bos_token)] + ids, [(0, 0)] + offsets
     trainable = []
     for tok_id, (a, b) in zip(ids, offsets, strict=True):
         in_content = any(a < e and max(b, a + 1) > s for s, e in spans)
@@ -94,7 +104,9 @@ def test_labels_match_independent_slow_check(request, tokenizer_fixture, real_co
     results = ChatTokenizer(tokenizer, max_len)(real_conversations)
     truncated = 0
     for messages, got in zip(real_conversations, results, strict=True):
-        ids, trainable, was_truncated = independent_expectation(tokenizer, messages, max_len)
+        ids, trainable, was_truncated = independent_expectation(
+            tokenizer, messages, max_len, FAMILY_BOS[tokenizer_fixture]
+        )
         truncated += was_truncated
         if isinstance(got, str):
             assert got == DROP_NO_TRAINABLE and not trainable.any()
@@ -110,20 +122,27 @@ def test_labels_match_independent_slow_check(request, tokenizer_fixture, real_co
 
 
 @pytest.mark.parametrize("tokenizer_fixture", ["llama_tokenizer", "smollm2_tokenizer"])
-def test_labels_equal_prefix_retokenization_where_consistent(request, tokenizer_fixture, real_conversations):
+def test_reference_labels_are_the_reference_tokens(request, tokenizer_fixture, real_conversations):
+    """--labels reference gives exactly the oracle's input_ids and labels; the default (TÜLU) labels
+    differ only by masking the newline after a non-final EOS, which the reference trained."""
     tokenizer = request.getfixturevalue(tokenizer_fixture)
-    ours = ChatTokenizer(tokenizer, 2048)(real_conversations)
-    consistent = 0
-    for messages, mine in zip(real_conversations, ours, strict=True):
-        ids, labels, ok = prefix_labels(tokenizer, messages, 2048)
-        if not ok:
+    max_len = 1024  # some real conversations are truncated, some dropped
+    bos_id = reference_bos_id(tokenizer)
+    reference = ChatTokenizer(tokenizer, max_len, labels="reference")(real_conversations)
+    tulu = ChatTokenizer(tokenizer, max_len)(real_conversations)
+    newline_tokens = trained = 0
+    for messages, ref, ours in zip(real_conversations, reference, tulu, strict=True):
+        ids, labels = reference_encode(tokenizer, messages, max_len, bos_id)
+        if not (labels != IGNORE_INDEX).any():  # the reference filtered these out; so do we
+            assert ref == ours == DROP_NO_TRAINABLE
             continue
-        consistent += 1
-        if isinstance(mine, str):  # dropped: the answer starts past the max length
-            assert (labels == IGNORE_INDEX).all()
-        else:
-            assert np.array_equal(mine.input_ids, ids) and np.array_equal(mine.labels, labels)
-    assert consistent >= 0.9 * len(real_conversations)
+        assert np.array_equal(ref.input_ids, ids) and np.array_equal(ref.labels, labels)
+        assert np.array_equal(ours.input_ids, ids)
+        differ = ours.labels != labels
+        assert (differ <= newline_after_eos(tokenizer, ids)).all() and (ours.labels[differ] == IGNORE_INDEX).all()
+        newline_tokens += int(differ.sum())
+        trained += int((labels != IGNORE_INDEX).sum())
+    assert 0 < newline_tokens < 0.01 * trained
 
 
 def test_prefix_inconsistent_tokenizer_labels_stay_right():
@@ -144,9 +163,9 @@ def test_prefix_inconsistent_tokenizer_labels_stay_right():
     got = ChatTokenizer(tok, 64)([messages])[0]
     trained = tok.convert_ids_to_tokens(got.input_ids[got.labels != IGNORE_INDEX].tolist())
     assert trained == ["\nA", "n", "s", "w", "e", "r", "</s>"]  # the whole answer, first letter included
-    _, ref_labels, consistent = prefix_labels(tok, messages, 64)
-    assert not consistent
-    assert tok.convert_ids_to_tokens(got.input_ids[ref_labels != IGNORE_INDEX].tolist())[0] == "n"  # "A" lost
+    ref_ids, ref_labels = reference_encode(tok, messages, 64, reference_bos_id(tok))
+    assert np.array_equal(ref_ids, got.input_ids)
+    assert tok.convert_ids_to_tokens(ref_ids[ref_labels != IGNORE_INDEX].tolist())[0] == "n"  # "A" lost
 
 
 def test_truncation_and_dropping(llama_tokenizer):
@@ -158,23 +177,138 @@ def test_truncation_and_dropping(llama_tokenizer):
     assert llama_tokenizer.eos_token_id not in cut.labels.tolist()
 
 
+@pytest.mark.parametrize("labels", ["tulu", "reference"])
+@pytest.mark.parametrize("loader", ["transformers", "text"])
 @pytest.mark.parametrize("tokenizer_fixture", ["llama_tokenizer", "smollm2_tokenizer"])
-def test_saved_chat_template_reproduces_training_format(request, tokenizer_fixture, tmp_path, real_conversations):
+def test_saved_chat_template_reproduces_training_format(
+    request, tokenizer_fixture, loader, labels, tmp_path, real_conversations
+):
+    """The saved tokenizer's chat template renders exactly the training text (BOS as trained, no
+    newline after the last turn) and its generation mask is exactly the labels; whether the
+    tokenizer came from transformers or from tokenizer.json directly (TextTokenizer)."""
     from transformers import AutoTokenizer
 
+    from qtulu.model.tokenizer import load_text_tokenizer
+
     tokenizer = request.getfixturevalue(tokenizer_fixture)
-    folder = save_chat_tokenizer(tokenizer, tmp_path / "tok")
+    if loader == "text":
+        tokenizer = load_text_tokenizer(tokenizer.name_or_path)
+    chat_tok = ChatTokenizer(tokenizer, 1 << 16, labels=labels)
+    folder = save_chat_tokenizer(tokenizer, tmp_path / "tok", chat_tok.template)
     saved = AutoTokenizer.from_pretrained(folder)
     assert len(saved) == len(tokenizer) and saved.pad_token is not None  # nothing added: no resize needed
-    conversations = [CONVERSATION] + real_conversations[120:140]
-    ours = ChatTokenizer(tokenizer, 1 << 16)(conversations)
-    for messages, mine in zip(conversations, ours, strict=True):
+    conversations = [CONVERSATION] + real_conversations[120:130]
+    for messages, mine in zip(conversations, chat_tok(conversations), strict=True):
+        text = saved.apply_chat_template(messages, tokenize=False)
+        assert text == (tokenizer.bos_token if chat_tok.bos_id is not None else "") + chat_tok.render(messages)[0]
         out = saved.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
         assert np.array_equal(np.asarray(out["input_ids"]), mine.input_ids)
         assert np.array_equal(np.asarray(out["assistant_masks"]).astype(bool), mine.labels != IGNORE_INDEX)
     prompt = saved.apply_chat_template(CONVERSATION[:4], tokenize=False, add_generation_prompt=True)
     full, _ = render(CONVERSATION[:4], tokenizer.eos_token)
-    assert prompt == (tokenizer.bos_token or "") + full + "<|assistant|>\n"
+    bos = tokenizer.bos_token if chat_tok.bos_id is not None else ""
+    assert prompt == bos + full + "\n<|assistant|>\n"  # the reference's generation prompt
+
+
+def test_bos_by_model_family(llama_tokenizer, smollm2_tokenizer, real_conversations):
+    assert ChatTokenizer(llama_tokenizer, 64).bos_id == llama_tokenizer.convert_tokens_to_ids("<s>")
+    assert ChatTokenizer(llama_tokenizer, 64, bos="never").bos_id is None
+    assert ChatTokenizer(smollm2_tokenizer, 64).bos_id is None  # its BOS <|im_start|> is a chat marker
+    marker = smollm2_tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert ChatTokenizer(smollm2_tokenizer, 64, bos="always").bos_id == marker
+    # SmolLM2: no <|im_start|> in the training text unless the conversation has it
+    results = ChatTokenizer(smollm2_tokenizer, 2048)(real_conversations)
+    for messages, got in zip(real_conversations, results, strict=True):
+        if not isinstance(got, str):
+            has = any("<|im_start|>" in m["content"] for m in messages)
+            assert (marker in got.input_ids.tolist()) == has
+    quoted = [
+        {"role": "user", "content": "What does <|im_start|> mean?"},
+        {"role": "assistant", "content": "A marker."},
+    ]
+    got = ChatTokenizer(smollm2_tokenizer, 64)([quoted])[0]
+    assert got.input_ids.tolist().count(marker) == 1 and got.input_ids[0] != marker
+
+
+def test_bos_and_labels_errors(llama_tokenizer):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    with pytest.raises(QtuluError, match="data.labels: unknown value 'tulu2'; choose one of tulu, reference"):
+        ChatTokenizer(llama_tokenizer, 64, labels="tulu2")
+    with pytest.raises(QtuluError, match="data.bos: unknown value 'sometimes'"):
+        ChatTokenizer(llama_tokenizer, 64, bos="sometimes")
+    backend = Tokenizer(models.WordLevel({"a": 0, "</s>": 1}, unk_token="a"))
+    no_bos = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>")
+    assert ChatTokenizer(no_bos, 64).bos_id is None
+    with pytest.raises(QtuluError, match="--bos always, but the tokenizer declares no BOS token"):
+        ChatTokenizer(no_bos, 64, bos="always")
+
+
+@pytest.fixture(scope="module")
+def sharegpt_conversations(shared_data):
+    ctx = make_context("sharegpt", 0, Report())
+    return [r["messages"] for r in convert("sharegpt", [shared_data / "sources" / "sharegpt"], ctx)][:150]
+
+
+@pytest.mark.parametrize("labels", ["tulu", "reference"])
+@pytest.mark.parametrize("tokenizer_fixture", ["llama_tokenizer", "smollm2_tokenizer"])
+def test_split_chunks_are_their_own_tokenization(request, tokenizer_fixture, labels, sharegpt_conversations):
+    """Chunks cut from one tokenization of the whole conversation carry exactly the tokens and labels
+    of the chunk rendered and tokenized on its own; they cover the conversation in order, and every
+    chunk of several turn pairs fits the max length exactly (BOS included)."""
+    tokenizer = request.getfixturevalue(tokenizer_fixture)
+    max_len = 512
+    chat_tok = ChatTokenizer(tokenizer, max_len, labels=labels)
+    split = chat_tok.split(sharegpt_conversations)
+    several = 0
+    for messages, chunks in zip(sharegpt_conversations, split, strict=True):
+        assert [m for chunk, _ in chunks for m in chunk] == messages
+        direct = chat_tok([chunk for chunk, _ in chunks])
+        for (chunk, got), want in zip(chunks, direct, strict=True):
+            if isinstance(want, str):
+                assert got == want
+                continue
+            assert np.array_equal(got.input_ids, want.input_ids) and np.array_equal(got.labels, want.labels)
+            assert got.truncated == want.truncated
+            if len(chunk) > 2:
+                assert not want.truncated
+        for (a, _), (b, _) in itertools.pairwise(chunks):  # greedy: the next pair would not have fitted
+            merged = chat_tok([a + b[:2]])[0]
+            assert isinstance(merged, str) or merged.truncated
+        several += len(chunks) > 1
+    assert several >= 50, "the sample has conversations longer than the max length"
+
+
+def test_split_without_a_splitting_eos_tokenizes_chunks_again(llama_tokenizer, sharegpt_conversations):
+    """A tokenizer whose EOS is not a special token falls back to tokenizing each chunk: same result."""
+    chat_tok = ChatTokenizer(llama_tokenizer, 1024)
+    fast = chat_tok.split(sharegpt_conversations[:60])
+    chat_tok.eos_splits = False
+    slow = chat_tok.split(sharegpt_conversations[:60])
+    assert sum(len(chunks) > 1 for chunks in fast) >= 5
+    for a, b in zip(fast, slow, strict=True):
+        assert [c for c, _ in a] == [c for c, _ in b]
+        for (_, x), (_, y) in zip(a, b, strict=True):
+            assert x == y if isinstance(x, str) else np.array_equal(x.input_ids, y.input_ids)
+
+
+@pytest.mark.parametrize("tokenizer_fixture", ["llama_tokenizer", "smollm2_tokenizer"])
+def test_text_tokenizer_is_the_transformers_one(request, tokenizer_fixture, real_conversations):
+    """tokenizer.json read by the tokenizers library (no torch) tokenizes as transformers does."""
+    from qtulu.model.tokenizer import load_text_tokenizer
+
+    tokenizer = request.getfixturevalue(tokenizer_fixture)
+    text_tok = load_text_tokenizer(tokenizer.name_or_path)
+    assert (text_tok.bos_token, text_tok.eos_token, text_tok.bos_token_id, text_tok.eos_token_id) == (
+        tokenizer.bos_token,
+        tokenizer.eos_token,
+        tokenizer.bos_token_id,
+        tokenizer.eos_token_id,
+    )
+    ours, theirs = ChatTokenizer(text_tok, 2048), ChatTokenizer(tokenizer, 2048)
+    for a, b in zip(ours(real_conversations), theirs(real_conversations), strict=True):
+        assert a == b if isinstance(a, str) else np.array_equal(a.input_ids, b.input_ids)
 
 
 def test_slow_tokenizer_is_refused():

@@ -223,3 +223,31 @@ def test_inline_and_yaml_mixes(monkeypatch, capsys, tmp_path):
         tmp_path / "c",
     )
     assert code == 1 and "no folder for source dolly" in err and not (tmp_path / "c").exists()
+
+
+def test_prepare_labels_and_bos_flags(monkeypatch, capsys, tmp_path):
+    args = ["data", "prepare", "--mix", "dolly", "--sources", "qtulu:sample", "--tokenizer", "qtulu/micro-bpe"]
+    code, _, err = qtulu(monkeypatch, capsys, *args, "--labels", "bogus", "-o", tmp_path / "a")
+    assert code == 2 and err.strip().splitlines() == [
+        "error: --labels: unknown value 'bogus'; choose one of tulu, reference"
+    ]
+    code, _, err = qtulu(monkeypatch, capsys, *args, "--bos", "maybe", "-o", tmp_path / "a")
+    assert code == 2 and "--bos: unknown value 'maybe'; choose one of auto, always, never" in err
+    assert not (tmp_path / "a").exists()
+    code, _, err = qtulu(monkeypatch, capsys, *args, "--labels", "reference", "--bos", "never", "-o", tmp_path / "b")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert (manifest["labels"], manifest["bos"], manifest["bos_token_id"]) == ("reference", "never", None)
+
+
+def test_prepare_defaults_tokenizer_and_output(monkeypatch, capsys, tmp_path, smollm2_tokenizer):
+    """`qtulu data prepare --mix M --sources S` works as typed: the demo model's tokenizer (SmolLM2,
+    offline; no BOS, its declared one is the chat marker <|im_start|>) and data/M."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = qtulu(monkeypatch, capsys, "data", "prepare", "--mix", "dolly", "--sources", SAMPLE_DIR)
+    assert code == 0, err
+    folder = tmp_path / "data" / "dolly"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["tokenizer_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and manifest["bos_token_id"] is None
+    template = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())["chat_template"]
+    assert template.startswith("{% for message in messages %}")  # no BOS in the saved format either

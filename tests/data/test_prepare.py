@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from qtulu.config import SOURCE_NAMES, MixConfig
 from qtulu.data.chat import IGNORE_INDEX, ChatTokenizer
@@ -154,11 +155,18 @@ def test_collate(sample_dataset):
     packed = collate_packed(rows)
     total = sum(len(r.input_ids) for r in rows)
     assert packed["input_ids"].shape == packed["labels"].shape == packed["position_ids"].shape == (1, total)
-    assert packed["cu_seqlens"].tolist() == [
+    assert packed["cu_seq_lens_q"].tolist() == [
         0,
         *np.cumsum(np.concatenate([r.seq_lens for r in rows])).tolist(),
     ]
-    assert packed["max_seqlen"] == max(int(r.seq_lens.max()) for r in rows)
+    assert packed["cu_seq_lens_k"] is packed["cu_seq_lens_q"]
+    assert packed["max_length_q"] == packed["max_length_k"] == max(int(r.seq_lens.max()) for r in rows)
+    # targets: the next label inside a document, never across a boundary
+    shift, labels, ends = packed["shift_labels"][0], packed["labels"][0], packed["cu_seq_lens_q"][1:] - 1
+    inside = torch.ones(total, dtype=torch.bool)
+    inside[ends.long()] = False
+    assert shift[inside].tolist() == labels[1:][inside[:-1]].tolist()
+    assert shift[ends.long()].eq(IGNORE_INDEX).all()
     short = Row(np.int32([5, 6, 7]), np.int32([-100, 6, 7]), np.int32([1, 2]))
     padded = collate_padded([rows[0], short], pad_id=0)
     width = len(rows[0].input_ids)
@@ -245,3 +253,30 @@ def test_refuses_to_overwrite_a_foreign_folder(micro_tokenizer, tmp_path):
 def test_reader_rejects_a_non_dataset(tmp_path):
     with pytest.raises(QtuluError, match="not a prepared dataset"):
         PreparedDataset(tmp_path)
+
+
+def test_labels_and_bos_shape_the_dataset(micro_tokenizer, tmp_path):
+    """data.labels and data.bos are in the fingerprint (a change rebuilds, it is not reused) and the
+    manifest; reference labels train the newline after each non-final EOS; bos=never puts none first."""
+    mix = MixConfig(name="chat", sources={"sharegpt": None, "oasst1": None}, sources_dir="qtulu:sample")
+    base, parts = dataset_fingerprint(mix, SAMPLE_DIR, micro_tokenizer, MAX_LEN, 7, "padded", "raise")
+    assert (parts["labels"], parts["bos"]) == ("tulu", "auto")
+    assert dataset_fingerprint(mix, SAMPLE_DIR, micro_tokenizer, MAX_LEN, 7, "padded", "raise", "reference")[0] != base
+    assert dataset_fingerprint(mix, SAMPLE_DIR, micro_tokenizer, MAX_LEN, 7, "padded", "raise", bos="never")[0] != base
+
+    out = tmp_path / "chat"
+    trained, fingerprints = {}, set()
+    for labels, bos in (("tulu", "auto"), ("reference", "auto"), ("tulu", "never")):
+        prepare_dataset(mix, None, micro_tokenizer, MAX_LEN, 7, out, packing="padded", labels=labels, bos=bos)
+        manifest = read_manifest(out)
+        assert (manifest["labels"], manifest["bos"]) == (labels, bos)
+        fingerprints.add(manifest["fingerprint"])
+        docs = documents(out)
+        first = {ids[0] for ids, _ in docs}
+        assert first == ({micro_tokenizer.bos_token_id} if bos == "auto" else first - {micro_tokenizer.bos_token_id})
+        trained[labels, bos] = sum(sum(t != IGNORE_INDEX for t in labels_) for _, labels_ in docs)
+    assert len(fingerprints) == 3
+    multi_turn = sum(1 for ids, _ in documents(out) if ids.count(micro_tokenizer.eos_token_id) > 1)
+    assert multi_turn and trained["reference", "auto"] > trained["tulu", "auto"]
+    with pytest.raises(QtuluError, match="--labels: unknown value 'all'"):
+        prepare_dataset(mix, None, micro_tokenizer, MAX_LEN, 7, tmp_path / "x", labels="all")

@@ -227,6 +227,50 @@ def test_oasst1_flat_table_fixture(tmp_path):
     assert report.dropped["oasst1: deleted message (with its replies)"] == 2
 
 
+def _msg(mid, role, text, *replies, deleted=False):
+    return {"message_id": mid, "role": role, "text": text, "deleted": deleted, "lang": "en", "replies": list(replies)}
+
+
+# An assistant reply whose only follow-ups were deleted is still the end of a conversation, at any
+# depth; a deleted reply beside a live one changes nothing. (The real sample has no deleted nodes.)
+OASST_DELETED_TREE = {"message_tree_id": "t1", "prompt": _msg(
+    "u1", "prompter", "What is 2+2?",
+    _msg("a1", "assistant", "4.", _msg("u2", "prompter", "Rude follow-up.", deleted=True)),
+    _msg("a2", "assistant", "Four.",
+         _msg("u3", "prompter", "And 3+3?",
+              _msg("a3", "assistant", "6.",
+                   _msg("u4", "prompter", "spam", deleted=True),
+                   _msg("u5", "prompter", "spam again", _msg("a4", "assistant", "..."), deleted=True)),
+              _msg("a5", "assistant", "Seven.", deleted=True)),
+         _msg("u6", "prompter", "gone", deleted=True)),
+)}
+
+
+def test_oasst1_assistant_whose_replies_are_all_deleted_ends_a_path(tmp_path):
+    expected = {
+        ("What is 2+2?", "4."),
+        ("What is 2+2?", "Four.", "And 3+3?", "6."),
+    }
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "trees.jsonl").write_text(json.dumps(OASST_DELETED_TREE) + "\n")
+    records, report = run("oasst1", [tmp_path / "tree"])
+    assert {tuple(m["content"] for m in r["messages"]) for r in records} == expected
+    assert len(records) == 2 and all(roles_alternate(r["messages"]) for r in records)
+    # u2, u4, u5 (its reply a4 goes with it unseen), a5, u6
+    assert report.dropped["oasst1: deleted message (with its replies)"] == 5
+
+    # the same tree as flat message rows (the HF layout) converts to the same conversations
+    nodes, parent = {}, {}
+    _flatten(OASST_DELETED_TREE["prompt"], None, nodes, parent)
+    rows = [{k: v for k, v in n.items() if k != "replies"} | {"parent_id": parent[m]} for m, n in nodes.items()]
+    (tmp_path / "flat").mkdir()
+    (tmp_path / "flat" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    flat, _ = run("oasst1", [tmp_path / "flat"])
+    assert {tuple(m["content"] for m in r["messages"]) for r in flat} == expected
+    assert Counter(tuple((m["role"], m["content"]) for m in r["messages"]) for r in flat) == _expected_oasst_paths(
+        nodes, parent)
+
+
 def test_oasst1_flat_table_parquet(tmp_path):
     """The HF hub ships the flat table as parquet; it converts exactly like the JSONL copy."""
     import pyarrow as pa
