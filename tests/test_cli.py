@@ -128,8 +128,29 @@ def test_plan_gives_advice_when_it_does_not_fit():
 
 
 def test_bench_lists_benchmarks():
+    """One line per benchmark module, `NAME  summary`, the summary its docstring's first line; private
+    helpers (`_measure`) are not benchmarks. Other benchmarks may join the list."""
+    import ast
+
+    import qtulu.benchmarks
+
     result = run("bench")
     assert result.returncode == 0, result.stderr
+    rows = [line.split(None, 1) for line in result.stdout.splitlines() if line.strip()]
+    assert rows and all(len(row) == 2 for row in rows), f"expected `NAME summary` lines:\n{result.stdout}"
+    listed = dict(rows)
+    folder = Path(qtulu.benchmarks.__file__).parent
+    assert (folder / "_measure.py").is_file() and "_measure" not in listed
+    assert {"attention", "loss", "data"} <= set(listed), result.stdout
+    for name, summary in listed.items():
+        module = folder / f"{name}.py"
+        assert module.is_file() and not name.startswith("_"), name
+        doc = ast.get_docstring(ast.parse(module.read_text()))
+        assert doc and doc.strip(), f"{name}: a benchmark's docstring is its summary"
+        assert summary.strip() == doc.strip().splitlines()[0], name
+    assert listed["attention"].startswith("Varlen causal attention")
+    assert listed["loss"].startswith("Fused linear cross-entropy")
+    assert listed["data"].startswith("Data: labels from offsets")
 
 
 def test_bench_unknown_name():

@@ -141,16 +141,54 @@ def test_unknown_key_in_a_file_names_the_file(tmp_path):
                                 "target_modules, dtype"]
 
 
+def error_keys(err: ConfigError) -> list[str]:
+    """The config key each error line names (lines read `key: problem (from ...)`)."""
+    return [line.split(":", 1)[0] for line in err.errors]
+
+
+DDP2 = ["--launch.strategy", "ddp", "--launch.num_gpus", "2"]
+FSDP2 = ["--launch.strategy", "fsdp", "--launch.num_gpus", "2"]
+
+
 @pytest.mark.parametrize("overrides,key", [
-    (["--optim.batch_size", "100", "--optim.micro_batch_size", "3"], "optim.batch_size"),
-    (["--launch.num_gpus", "4"], "launch.num_gpus"),
-    (["--launch.strategy", "fsdp", "--launch.num_gpus", "2"], "quant.quant_storage"),
-    (["--data.max_seq_len", "4096"], "data.max_seq_len"),
+    pytest.param(["--optim.batch_size", "100", "--optim.micro_batch_size", "3"], "optim.batch_size",
+                 id="batch-not-multiple-of-micro"),
+    # 12 is a multiple of the micro-batch (4) but not of micro-batch x GPUs (8)
+    pytest.param([*DDP2, "--optim.micro_batch_size", "4", "--optim.batch_size", "12"], "optim.batch_size",
+                 id="batch-not-multiple-of-micro-times-gpus"),
+    pytest.param(["--launch.num_gpus", "4"], "launch.num_gpus", id="single-with-4-gpus"),
+    pytest.param(["--launch.strategy", "ddp"], "launch.num_gpus", id="ddp-with-1-gpu"),
+    pytest.param(["--launch.strategy", "fsdp", "--quant.quant_storage", "bf16"], "launch.num_gpus",
+                 id="fsdp-with-1-gpu"),
+    pytest.param(FSDP2, "quant.quant_storage", id="fsdp-with-uint8-storage"),
+    pytest.param([*FSDP2, "--quant.quant_storage", "fp16"], "quant.quant_storage", id="fsdp-storage-not-compute"),
+    pytest.param(["--data.max_seq_len", "4096"], "data.max_seq_len", id="longer-than-positions"),
+    pytest.param(["--model.init", "random", "--model.arch", "null"], "model.arch", id="random-init-without-arch"),
+    pytest.param(["--launch.device", "cpu", *DDP2], "launch.device", id="cpu-with-ddp"),
+    pytest.param(["--launch.device", "cpu", *FSDP2, "--quant.quant_storage", "bf16"], "launch.device",
+                 id="cpu-with-fsdp"),
 ])
 def test_impossible_combinations(overrides, key):
+    """Each impossible combination is refused with exactly one error, naming the key to change."""
     with pytest.raises(ConfigError) as err:
         load_config(size="7b", mix="human", overrides=overrides)
-    assert any(line.startswith(f"{key}:") for line in err.value.errors), err.value.errors
+    assert error_keys(err.value) == [key], err.value.errors
+
+
+@pytest.mark.parametrize("overrides", [
+    pytest.param([*DDP2, "--optim.micro_batch_size", "4", "--optim.batch_size", "16"], id="batch-16-on-2x4"),
+    pytest.param(DDP2, id="ddp-with-2-gpus"),
+    pytest.param([*FSDP2, "--quant.quant_storage", "bf16"], id="fsdp-with-bf16-storage"),
+    pytest.param(["--data.max_seq_len", "2048"], id="max-len-equal-to-positions"),
+    pytest.param(["--model.init", "random"], id="random-init-with-the-presets-arch"),
+    pytest.param(["--launch.device", "cpu"], id="cpu-single"),
+    pytest.param(["--launch.device", "cuda", *DDP2], id="cuda-with-ddp"),
+])
+def test_possible_neighbours_of_the_impossible_combinations(overrides):
+    """One step away from each refused combination, the config loads: the checks are not too wide."""
+    cfg = load_config(size="7b", mix="human", overrides=overrides)
+    per_step = cfg.optim.micro_batch_size * cfg.launch.num_gpus
+    assert cfg.grad_accum_steps * per_step == cfg.optim.batch_size
 
 
 def test_unknown_size_mix_and_source():

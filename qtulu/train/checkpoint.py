@@ -1,0 +1,206 @@
+"""The run folder and its checkpoints: atomic writes, exact resume, nothing half-written taken.
+
+RUN/
+  config.yaml      the resolved config (a later `qtulu train` into RUN must match it)
+  adapter/         the final LoRA adapter (PEFT format), tokenizer/ with the TÜLU chat template
+  metrics.jsonl    one line per optimizer step
+  checkpoints/step-00000010/
+      adapter/ (PEFT), optimizer.pt, rng.pt, state.json (data position, scheduler, counters),
+      config.yaml, metrics.jsonl (the metrics up to this step)
+
+A checkpoint is written into a hidden temporary folder, every file fsynced, then renamed to
+`step-N` and the parent fsynced: a `step-N` folder exists only when complete, so a SIGKILL at
+any moment (mid-save included) leaves at worst a `.step-N.partial-*` folder that resume ignores
+and the next save removes. `state.json` is written last as a second guard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from qtulu.errors import QtuluError
+
+CHECKPOINTS = "checkpoints"
+STATE = "state.json"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+# keys that may change between the sessions of one run (everything else must match to resume)
+MAY_DIFFER = ("checkpoint.save_every_steps", "checkpoint.keep_last", "checkpoint.resume", "logging.", "data.cache_dir")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    for folder in sorted((p for p in path.rglob("*") if p.is_dir()), reverse=True):
+        _fsync_dir(folder)
+    _fsync_dir(path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "sources":
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """`key: saved -> current` for every key that differs and must not."""
+    a, b = flatten(saved), flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(MAY_DIFFER) or a.get(key) == b.get(key):
+            continue
+        diffs.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return diffs
+
+
+def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every complete checkpoint, oldest first."""
+    folder = run_dir / CHECKPOINTS
+    found = []
+    if folder.is_dir():
+        for child in folder.iterdir():
+            match = STEP_DIR.match(child.name)
+            if match and (child / STATE).is_file():
+                found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def check_run_dir(run_dir: Path, config_dump: dict, resume: bool | None) -> Path | None:
+    """Decide what to do with the output folder before anything is written to it.
+
+    Returns the checkpoint to resume from, or None for a fresh start. resume=True requires a
+    checkpoint; resume=False refuses a folder that already holds a run; None resumes when there is
+    a checkpoint. A folder holding a run with another config is refused in every mode.
+    """
+    saved_path = run_dir / "config.yaml"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise QtuluError(f"{run_dir}: exists and is not a folder; choose another --output")
+    if saved_path.is_file():
+        if resume is False:
+            raise QtuluError(f"{run_dir}: already holds a run (config.yaml); choose a new --output, or resume "
+                             "it with --resume")
+        try:
+            saved = yaml.safe_load(saved_path.read_text()) or {}
+        except yaml.YAMLError:
+            raise QtuluError(f"{saved_path}: not readable YAML; this folder holds a damaged run, choose another "
+                             "--output") from None
+        diffs = config_differences(saved, config_dump)
+        if diffs:
+            more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+            raise QtuluError(f"{run_dir}: holds another run's config ({'; '.join(diffs[:3])}{more}); choose a new "
+                             "--output, or pass the same settings to resume it")
+    elif run_dir.is_dir() and any(p.name != ".gitkeep" for p in run_dir.iterdir()):
+        raise QtuluError(f"{run_dir}: exists and is not a qtulu run (no config.yaml); choose a new or empty --output")
+    checkpoints = complete_checkpoints(run_dir)
+    if resume is True and not checkpoints:
+        raise QtuluError(f"{run_dir}: no complete checkpoint to resume from; start without --resume")
+    return checkpoints[-1][1] if checkpoints and resume is not False else None
+
+
+def rng_state() -> dict:
+    state = {"python": list(random.getstate()), "torch": torch.get_rng_state()}
+    np_state = np.random.get_state()
+    state["numpy"] = [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]]
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _kill_self_if_asked(step: int) -> None:
+    """Fault injection for the tests: QTULU_FAULT=kill-in-save@N SIGKILLs the process halfway
+    through writing checkpoint N (after the adapter, before the optimizer and state)."""
+    if os.environ.get("QTULU_FAULT") == f"kill-in-save@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, config_text: str,
+                    metrics_text: str, keep_last: int) -> Path:
+    """Write checkpoint `step` atomically and keep only the newest `keep_last`."""
+    folder = run_dir / CHECKPOINTS
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob(".step-*.partial-*"):  # left by a process killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    target = folder / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{target.name}.partial-"))
+    try:
+        model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        _kill_self_if_asked(step)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "config.yaml").write_text(config_text)
+        (tmp / "metrics.jsonl").write_text(metrics_text)
+        (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the folder complete
+        _fsync_tree(tmp)
+        if target.exists():  # the same step saved again (a resumed run that ended where it started)
+            shutil.rmtree(target)
+        tmp.rename(target)
+        _fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for _, old in complete_checkpoints(run_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def load_checkpoint(folder: Path, model, optimizer) -> dict:
+    """Restore adapter weights, optimizer and RNG states from `folder`; return its state.json."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    adapter = folder / "adapter" / "adapter_model.safetensors"
+    try:
+        weights = load_file(adapter, device=str(next(model.parameters()).device))
+        set_peft_model_state_dict(model, weights)
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+        set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
+        return json.loads((folder / STATE).read_text())
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise QtuluError(f"{folder}: checkpoint could not be loaded ({type(e).__name__}: {e})".splitlines()[0]
+                         + "; remove it to resume from the one before") from None
