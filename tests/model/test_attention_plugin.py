@@ -8,11 +8,13 @@ Triton kernel (interpreter on CPU) and the per-document SDPA reference.
 
 import zlib
 
+import numpy as np
 import pytest
 import torch
 from qtulu.kernels import attention
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from qtulu.data.prepare import Row, collate_packed
 from qtulu.errors import QtuluError
 from qtulu.model.attention import (
     cu_seqlens_from_position_ids,
@@ -188,3 +190,23 @@ def test_window_longer_than_every_document_is_allowed(monkeypatch):
         alone = torch.cat([model(input_ids[:, :30], use_cache=False).logits,
                            model(input_ids[:, 30:], use_cache=False).logits], dim=1)
     assert rel_err(packed, alone) <= 1e-5
+
+
+def test_collated_boundaries_reach_attention(models, path):
+    """The boundaries collate_packed builds are the ones attention uses: moving one boundary in the
+    batch (positions left as they were) changes the logits of the documents it touches."""
+    ours, _ = models
+    ids = np.random.default_rng(7).integers(0, 512, sum(LENGTHS))
+    row = Row(ids, ids.copy(), np.array(LENGTHS))
+    batch = collate_packed([row])
+    kwargs = {k: batch[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "position_ids")}
+    wrong = dict(kwargs)
+    moved = batch["cu_seq_lens_q"].clone()
+    moved[2] += 10  # the second document ends 10 tokens late; the third starts 10 tokens late
+    wrong["cu_seq_lens_q"] = wrong["cu_seq_lens_k"] = moved
+    with torch.no_grad():
+        right = ours(batch["input_ids"], use_cache=False, **kwargs).logits
+        shifted = ours(batch["input_ids"], use_cache=False, **wrong).logits
+    first_two = slice(0, LENGTHS[0] + LENGTHS[1])
+    assert torch.equal(right[:, first_two], shifted[:, first_two])  # before the moved boundary: untouched
+    assert rel_err(shifted[:, 38:102], right[:, 38:102]) > 1e-3
