@@ -150,10 +150,13 @@ class LoraFinetune:
         packing = "bfd" if cfg.data.packing and cfg.model.attention != "sdpa" else "padded"
         cache = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else self.run_dir.parent / "data"
         slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in cfg.data.mix.name)[:60]
-        folder = cache / f"{slug}-{cfg.data.max_seq_len}-{packing}-{tokenizer_fingerprint(self.tokenizer)[:10]}"
+        variant = "" if (cfg.data.labels, cfg.data.bos) == ("tulu", "auto") else f"-{cfg.data.labels}-bos{cfg.data.bos}"
+        fingerprint = tokenizer_fingerprint(self.tokenizer)[:10]
+        folder = cache / f"{slug}-{cfg.data.max_seq_len}-{packing}{variant}-{fingerprint}"
         if self.is_main:  # one process prepares; the others wait for it
             prepare_dataset(cfg.data.mix, cfg.data.sources_dir, self.tokenizer, cfg.data.max_seq_len, cfg.data.seed,
-                            folder, packing=packing, log=lambda msg: self.say(f"data: {msg}"))
+                            folder, packing=packing, labels=cfg.data.labels, bos=cfg.data.bos,
+                            log=lambda msg: self.say(f"data: {msg}"))
         self.dist.wait_for_everyone()
         self.packed = cfg.model.attention != "sdpa"
         return PreparedDataset(folder)
