@@ -138,10 +138,10 @@ class HFBackend:
 
     def _generate(self, requests: list[Request], callback: Callback) -> None:
         encoded = [self.encode(r.prompt) for r in requests]
-        groups: dict[tuple, list[int]] = {}
-        for i, r in enumerate(requests):
-            groups.setdefault((r.max_new_tokens, tuple(r.stop)), []).append(i)
-        for (max_new, stops), members in groups.items():
+        for (max_new, stops, temperature, top_p, seed), members in _group(requests).items():
+            sample = temperature > 0
+            if sample and seed is not None:
+                torch.manual_seed(seed)  # per group: the same request list and batch size repeat exactly
             for local in self._batches([len(encoded[i]) for i in members]):
                 batch = [members[k] for k in local]
                 ids, mask = self._left_pad([encoded[i] for i in batch])
@@ -151,17 +151,30 @@ class HFBackend:
                         input_ids=ids,
                         attention_mask=mask,
                         max_new_tokens=max_new,
-                        do_sample=False,
+                        do_sample=sample,
                         use_cache=True,
                         pad_token_id=self.pad_id,
                         eos_token_id=self.tokenizer.eos_token_id,
                         stopping_criteria=[stopper],
-                        temperature=None,
-                        top_p=None,
-                        top_k=None,
+                        temperature=temperature if sample else None,
+                        top_p=top_p if sample else None,
+                        top_k=0 if sample else None,  # nucleus sampling alone, as the protocol (no top-k cut)
                     )
-                texts = self.tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+                new = out[:, ids.shape[1] :].tolist()
+                texts = [self._continuation(encoded[i], new[row]) for row, i in enumerate(batch)]
                 callback(batch, [cut_at_stops(t, list(stops)) for t in texts])
+
+    def _continuation(self, prompt_ids: list[int], new_ids: list[int]) -> str:
+        """The text the model added after the prompt. Decoding the new tokens alone loses what a
+        SentencePiece tokenizer writes as a leading "▁" (a completion's first space: a Python body's
+        indentation), so decode prompt + continuation and drop the decoded prompt, as the reference's
+        generate_completions did; fall back to the new tokens alone where the prompt's text is not a
+        prefix (a character split across the boundary)."""
+        prompt_text = self.tokenizer.decode(prompt_ids, skip_special_tokens=True)
+        full = self.tokenizer.decode(prompt_ids + new_ids, skip_special_tokens=True)
+        if full.startswith(prompt_text):
+            return full[len(prompt_text) :]
+        return self.tokenizer.decode(new_ids, skip_special_tokens=True)
 
 
 class VLLMBackend:
@@ -190,8 +203,18 @@ class VLLMBackend:
             return
         kind = requests[0].kind
         if kind == "generate":
-            for (max_new, stops), members in _group(requests).items():
-                params = self.vllm.SamplingParams(temperature=0, max_tokens=max_new, stop=list(stops))
+            for (max_new, stops, temperature, top_p, seed), members in _group(requests).items():
+                params = [
+                    self.vllm.SamplingParams(
+                        temperature=temperature,
+                        top_p=top_p if temperature > 0 else 1.0,
+                        max_tokens=max_new,
+                        stop=list(stops),
+                        # one seed per request: samples of one prompt differ, a rerun repeats them
+                        seed=None if seed is None or temperature == 0 else seed + i,
+                    )
+                    for i in members
+                ]
                 outs = self.llm.generate(
                     [self._prompt(self.encode(requests[i].prompt)) for i in members], params, use_tqdm=False
                 )
@@ -215,7 +238,9 @@ class VLLMBackend:
 
 
 def _group(requests: list[Request]) -> dict[tuple, list[int]]:
+    """Requests that can share a generate call: same length cap, stops and sampling settings."""
     groups: dict[tuple, list[int]] = {}
     for i, r in enumerate(requests):
-        groups.setdefault((r.max_new_tokens, tuple(r.stop)), []).append(i)
+        key = (r.max_new_tokens, tuple(r.stop), float(r.temperature), float(r.top_p), r.seed)
+        groups.setdefault(key, []).append(i)
     return groups

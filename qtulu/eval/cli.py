@@ -29,14 +29,18 @@ eval_app = typer.Typer(
 Examples:
 
 ```
-qtulu eval runs/tulu-7b/merged --tasks mmlu,gsm,bbh,tydiqa,truthfulqa
+qtulu eval runs/tulu-7b/merged --tasks mmlu,gsm,bbh,tydiqa,truthfulqa,codex
+QTULU_JUDGE_URL=https://api.openai.com/v1 QTULU_JUDGE_MODEL=gpt-4o QTULU_JUDGE_API_KEY=sk-... \\
+    qtulu eval runs/tulu-7b/merged --tasks alpaca,truthfulqa_gen
 qtulu eval runs/tulu-7b --tasks mmlu:abstract_algebra+marketing,bbh:date_understanding --limit 20
 qtulu eval score --predictions runs/tulu-7b/merged/eval/predictions.jsonl --output rescored
 qtulu eval compare runs/tulu-7b-human runs/tulu-7b-gpt --output compare/
 ```
 
-`qtulu eval MODEL` is `qtulu eval run MODEL`. Tasks: mmlu (0- and 5-shot), gsm, bbh, tydiqa, truthfulqa;
-codex, alpaca, truthfulqa_gen and toxigen are not built yet (skipped with a message).
+`qtulu eval MODEL` is `qtulu eval run MODEL`. Tasks: mmlu (0- and 5-shot), gsm, bbh, tydiqa, truthfulqa (MC),
+codex (pass@1/pass@10, completions run in a sandbox), alpaca (win rate) and truthfulqa_gen (judged by the LLM
+in $QTULU_JUDGE_URL / $QTULU_JUDGE_MODEL / $QTULU_JUDGE_API_KEY), toxigen (% toxic, needs a local classifier:
+$QTULU_TOXIGEN_CLASSIFIER). A task that cannot run here is skipped with a one-line message; the rest run.
 """,
 )
 
@@ -78,6 +82,12 @@ def run(
     ),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", help="Cap generated tokens below the protocol's "
                                        "(smoke runs on CPU; noted in the report)."),
+    samples: int = typer.Option(
+        None,
+        "--samples",
+        help="codex: completions per problem at each temperature instead of the protocol's 20 (smoke runs; "
+        "noted in the report; pass@10 needs at least 10).",
+    ),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on GPU, fp32 on CPU), bf16, fp16 or fp32."),
 ):
@@ -108,6 +118,7 @@ def run(
         device=device,
         dtype=dtype,
         max_new_tokens=max_new_tokens,
+        samples=samples,
     )
 
 
@@ -122,6 +133,10 @@ def score(
     ),
 ):
     """Re-score a predictions file without a model and write the same results.json.
+
+    codex completions are executed in the sandbox; alpaca and truthfulqa_gen are judged again by the judge in
+    the environment (answered from its cache when the same judge already judged them); toxigen is classified
+    again by the local classifier.
 
     Example:
 

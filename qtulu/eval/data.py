@@ -8,6 +8,8 @@ The layout (that of ../shared/data/eval):
     DIR/tydiqa/tydiqa-goldp-v1.1-dev.json, -train.json             (GoldP, SQuAD-style)
     DIR/truthfulqa/TruthfulQA.csv                                  (TruthfulQA repository CSV)
     DIR/humaneval/HumanEval.jsonl.gz
+    DIR/alpaca_eval/alpaca_eval.json                               (AlpacaEval: instruction, output, dataset)
+    DIR/toxigen/hate_GROUP.txt                                     (ToxiGen prompts; hate_GROUP_1k.txt too)
 
 Folders are searched in order: every `--data-dir`, then $QTULU_EVAL_DATA (os.pathsep-separated). When
 no folder was given at all, the hub cache ($QTULU_HOME/eval) is searched and a missing set is fetched
@@ -35,7 +37,13 @@ SETS = {
     "tydiqa": ("the TyDi QA GoldP files", "google-research-datasets/tydiqa (secondary_task)"),
     "truthfulqa": ("TruthfulQA.csv", "truthfulqa/truthful_qa (generation)"),
     "humaneval": ("HumanEval.jsonl.gz", "openai/openai_humaneval"),
+    "alpaca_eval": ("alpaca_eval.json from AlpacaEval (805 instructions, reference outputs)", "tatsu-lab/alpaca_eval"),
+    "toxigen": ("ToxiGen's prompts/hate_GROUP_1k.txt files", "github.com/microsoft/TOXIGEN prompts/"),
 }
+
+
+class MissingData(QtuluError):
+    """An evaluation set is not on this machine (and could not be fetched)."""
 
 
 def hub_cache() -> Path:
@@ -80,7 +88,7 @@ class DataDirs:
             return None
         where = ", ".join(str(d) for d in self.dirs)
         what, _ = SETS.get(set_name, (set_name, ""))
-        raise QtuluError(
+        raise MissingData(
             f"{task}: {set_name}/{relpath} not found under {where}{why}; put {what} at "
             f"DIR/{set_name}/{relpath} and pass --data-dir DIR (layout: docs/eval.md)"
         )
@@ -187,6 +195,27 @@ def _fetch_humaneval(out: Path) -> None:
             f.write(json.dumps(dict(r)) + "\n")
 
 
+def _fetch_alpaca_eval(out: Path) -> None:
+    import shutil
+
+    from huggingface_hub import hf_hub_download
+
+    # the dataset's loading script is not supported by recent `datasets`; its data file is plain JSON
+    src = hf_hub_download("tatsu-lab/alpaca_eval", "alpaca_eval.json", repo_type="dataset")
+    shutil.copyfile(src, out / "alpaca_eval.json")
+
+
+def _fetch_toxigen(out: Path) -> None:
+    import urllib.request
+
+    from qtulu.eval.judged_tasks import TOXIGEN_GROUPS
+
+    base = "https://raw.githubusercontent.com/microsoft/TOXIGEN/main/prompts/"
+    for group in TOXIGEN_GROUPS:
+        with urllib.request.urlopen(base + f"hate_{group}_1k.txt", timeout=60) as r:  # noqa: S310 (fixed https URL)
+            (out / f"hate_{group}.txt").write_bytes(r.read())
+
+
 FETCHERS: dict[str, Callable[[Path], None]] = {
     "gsm8k": _fetch_gsm8k,
     "mmlu": _fetch_mmlu,
@@ -194,6 +223,8 @@ FETCHERS: dict[str, Callable[[Path], None]] = {
     "tydiqa": _fetch_tydiqa,
     "truthfulqa": _fetch_truthfulqa,
     "humaneval": _fetch_humaneval,
+    "alpaca_eval": _fetch_alpaca_eval,
+    "toxigen": _fetch_toxigen,
 }
 
 

@@ -8,6 +8,8 @@ The judge is any OpenAI-compatible chat-completions endpoint, configured by envi
     QTULU_JUDGE_MODEL    the model name to ask for
     QTULU_JUDGE_API_KEY  sent as "Authorization: Bearer ..." (optional for local servers)
     QTULU_JUDGE_CACHE    where judgements are cached (default ~/.cache/qtulu/judge)
+    QTULU_JUDGE_CONCURRENCY  requests in flight at once (default 4; lower it for a tight rate limit)
+    QTULU_JUDGE_TIMEOUT  seconds to wait for one reply before retrying (default 60)
 
 Every judgement is cached on disk, keyed by a hash of the whole request (endpoint, model, messages,
 sampling settings), so a rerun sends no request. Time-outs, connection errors, 429 (honouring
@@ -40,6 +42,8 @@ ENV_URL = "QTULU_JUDGE_URL"
 ENV_MODEL = "QTULU_JUDGE_MODEL"
 ENV_KEY = "QTULU_JUDGE_API_KEY"
 ENV_CACHE = "QTULU_JUDGE_CACHE"
+ENV_CONCURRENCY = "QTULU_JUDGE_CONCURRENCY"
+ENV_TIMEOUT = "QTULU_JUDGE_TIMEOUT"
 ENV_TOXIGEN = "QTULU_TOXIGEN_CLASSIFIER"
 TOXIGEN_CLASSIFIER_ID = "tomh/toxigen_roberta"  # the classifier the paper's reference code used
 
@@ -66,6 +70,9 @@ class JudgeConfig:
     concurrency: int = 4  # requests in flight at once
     temperature: float = 0.0
     max_tokens: int = 16
+    # complete_many stops asking after this many judgements in a row failed, each after its retries
+    # (a wrong URL or key would otherwise cost every item its full retry schedule)
+    give_up_after: int = 8
 
     @property
     def endpoint(self) -> str:
@@ -82,7 +89,19 @@ def judge_config_from_env(**overrides) -> JudgeConfig:
             f"no LLM judge configured: set {ENV_URL} (an OpenAI-compatible endpoint, e.g. https://api.openai.com/v1), "
             f"{ENV_MODEL} and {ENV_KEY} to run the judged tasks; skipping them"
         )
-    return JudgeConfig(url=url, model=model, api_key=os.environ.get(ENV_KEY) or None, **overrides)
+    settings: dict = {}
+    for var, key, kind in ((ENV_CONCURRENCY, "concurrency", int), (ENV_TIMEOUT, "timeout_s", float)):
+        raw = os.environ.get(var, "").strip()
+        if raw:
+            try:
+                value = kind(raw)
+            except ValueError:
+                value = 0
+            if value <= 0:
+                raise QtuluError(f"{var}={raw!r}: expected a positive {kind.__name__}; unset it for the default", 2)
+            settings[key] = value
+    settings.update(overrides)
+    return JudgeConfig(url=url, model=model, api_key=os.environ.get(ENV_KEY) or None, **settings)
 
 
 @dataclass
@@ -97,6 +116,7 @@ class JudgeStats:
     server_errors: int = 0  # 5xx answers and connection errors
     malformed: int = 0  # replies that were not a chat completion, or whose verdict could not be read
     failed: int = 0  # judgements given up on
+    not_asked: int = 0  # judgements not even tried, after give_up_after failures in a row (also in failed)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -118,6 +138,8 @@ class JudgeClient:
         self.stats = JudgeStats()
         self._slots = threading.BoundedSemaphore(config.concurrency)
         self._sleep = sleep
+        self._failures_in_a_row = 0
+        self._gave_up = False
 
     # -- cache --
     def _request_body(self, messages: list[dict]) -> dict:
@@ -226,14 +248,23 @@ class JudgeClient:
     def complete_many(
         self, requests: Sequence[list[dict]], on_done: Callable[[int], None] | None = None
     ) -> list[str | None]:
-        """Many judgements, `concurrency` at a time; None where one could not be had (counted)."""
+        """Many judgements, `concurrency` at a time; None where one could not be had (counted). After
+        `give_up_after` failures in a row the rest are not asked (counted in `not_asked`)."""
         out: list[str | None] = [None] * len(requests)
 
         def one(i: int) -> None:
-            try:
-                out[i] = self.complete(requests[i])
-            except JudgeError:
-                out[i] = None
+            if self._gave_up:
+                self.stats.add(failed=1, not_asked=1)
+            else:
+                try:
+                    out[i] = self.complete(requests[i])
+                    with self.stats._lock:
+                        self._failures_in_a_row = 0
+                except JudgeError:
+                    with self.stats._lock:
+                        self._failures_in_a_row += 1
+                        if self._failures_in_a_row >= self.config.give_up_after:
+                            self._gave_up = True
             if on_done is not None:
                 on_done(i)
 
@@ -445,16 +476,25 @@ def score_truthfulqa_generation(
 # ================================================================================================
 # ToxiGen: % of generations a toxicity classifier labels toxic. Only a classifier already on this
 # machine is used (a folder, or the hub id in the local Hugging Face cache); no download.
-def load_toxigen_classifier(name_or_path: str | None = None) -> Callable[[list[str]], list[bool]]:
-    """A function texts -> is_toxic, from $QTULU_TOXIGEN_CLASSIFIER, `name_or_path`, or the
-    reference classifier (tomh/toxigen_roberta) in the local HF cache; QtuluError if none is here."""
+def toxigen_classifier_missing(name_or_path: str | None = None) -> str | None:
+    """Why no ToxiGen classifier can be loaded here (one line), or None; decided without importing
+    transformers, so a run can skip toxigen before it loads its model."""
     source = name_or_path or os.environ.get(ENV_TOXIGEN) or TOXIGEN_CLASSIFIER_ID
-    missing = QtuluError(
+    if _classifier_is_local(source):
+        return None
+    return (
         f"ToxiGen needs a toxicity classifier on this machine and {source!r} is not available locally; "
         f"put {TOXIGEN_CLASSIFIER_ID} in the Hugging Face cache or set {ENV_TOXIGEN}=DIR; skipping toxigen"
     )
-    if not _classifier_is_local(source):  # decided without importing transformers
-        raise missing
+
+
+def load_toxigen_classifier(name_or_path: str | None = None) -> Callable[[list[str]], list[bool]]:
+    """A function texts -> is_toxic, from `name_or_path`, $QTULU_TOXIGEN_CLASSIFIER, or the
+    reference classifier (tomh/toxigen_roberta) in the local HF cache; QtuluError if none is here."""
+    source = name_or_path or os.environ.get(ENV_TOXIGEN) or TOXIGEN_CLASSIFIER_ID
+    missing = toxigen_classifier_missing(source)
+    if missing:
+        raise QtuluError(missing)
     try:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 

@@ -24,7 +24,10 @@ COLUMNS = {
     ("codex", "pass@1"): "Codex P@1",
     ("codex", "pass@10"): "Codex P@10",
     ("alpaca", "win_rate"): "AlpacaFarm win",
+    ("truthfulqa_gen", "truthful_informative"): "TruthfulQA T·I",
+    ("toxigen", "toxic"): "ToxiGen % toxic",
 }
+LOWER_IS_BETTER = {("toxigen", "toxic")}  # shown, but left out of averages
 PAPER = {
     "7b": {
         "label": "TÜLU 7B (paper)",
@@ -54,8 +57,9 @@ PAPER = {
 }
 FOOTNOTES = [
     "Paper numbers: ../shared/MISSION.md (Wang et al. 2023, arXiv 2306.04751, and the TÜLU model cards). "
-    "The 13B row's MMLU is given without a shot count; it is shown under MMLU 0-shot. AlpacaFarm/AlpacaEval "
-    "and Codex numbers need issue 15's tasks.",
+    "The 13B row's MMLU is given without a shot count; it is shown under MMLU 0-shot. The paper's AlpacaFarm "
+    "win rate was judged by GPT-4 against text-davinci-003: a win rate from another judge or reference is not the "
+    "same number. ToxiGen % toxic is lower-is-better and left out of averages.",
 ]
 
 
@@ -115,6 +119,13 @@ def report_text(results: dict) -> str:
         lines += ["", f"Paper average for {ref['label']}: {ref['average']}."]
     for name, message in (results.get("skipped") or {}).items():
         lines.append(f"- skipped {name}: {message}")
+    for name, details in (results.get("details") or {}).items():
+        judge = details.get("judge")
+        if judge:
+            lines.append(
+                f"- {name} judged by `{judge['model']}` at {judge['endpoint']}: {judge['requests']} requests, "
+                f"{judge['cached']} from cache, {judge['malformed']} malformed replies, {judge['failed']} failed"
+            )
     notes = list(results.get("notes") or [])
     if results.get("limit"):
         notes.append(f"--limit {results['limit']}: a smoke run on a few examples per task, not comparable to the paper")
@@ -181,7 +192,11 @@ def compare(dirs: list[str], output: str | None) -> str:
     order = list(COLUMNS)
     columns.sort(key=lambda c: (order.index(c) if c in order else len(order), c))
     # the average is over the paper's columns (COLUMNS) that every row has, like the paper's tables
-    shared = [c for c in columns if c in COLUMNS and all(c[0] in t and c[1] in t[c[0]] for _, t in rows)]
+    shared = [
+        c
+        for c in columns
+        if c in COLUMNS and c not in LOWER_IS_BETTER and all(c[0] in t and c[1] in t[c[0]] for _, t in rows)
+    ]
     header = [COLUMNS.get(c, f"{c[0]} {c[1]}") for c in columns]
     lines = ["| model | " + " | ".join(header) + " | average |", "|---|" + "---:|" * (len(columns) + 1)]
     for name, tasks in rows:

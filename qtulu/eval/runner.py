@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from qtulu import __version__
 from qtulu.errors import NotBuiltYet, QtuluError
-from qtulu.eval.data import DataDirs, file_digest
+from qtulu.eval.data import DataDirs, MissingData, file_digest
 from qtulu.eval.tasks import PlannedTask, TaskData, get_task, mean, not_built, parse_tasks, round_robin
 
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -65,9 +65,10 @@ def _digests(td: TaskData) -> dict[str, str]:
     return {p: file_digest(Path(p)) for p in td.files}
 
 
-def load_tasks(spec: str, data: DataDirs, limit: int | None, full: bool):
+def load_tasks(spec: str, data: DataDirs, limit: int | None, full: bool, samples: int | None = None):
     """[(task, task data, examples)] for the tasks that can run, and {task: message} for the others.
-    Loads every set before any model is loaded, so a missing file fails in seconds."""
+    Loads every set before any model is loaded, so a missing file fails in seconds (or, for a task
+    whose set is optional, skips it with the same one-line message)."""
     loaded, skipped, notes = [], {}, []
     for name, parts in parse_tasks(spec):
         task = get_task(name)
@@ -75,8 +76,17 @@ def load_tasks(spec: str, data: DataDirs, limit: int | None, full: bool):
         if message:
             skipped[name] = message
             continue
-        td = task.load(data, parts)
+        try:
+            td = task.load(data, parts)
+        except MissingData as e:
+            if not task.skip_missing_data:
+                raise
+            skipped[name] = f"{e}; skipped"  # DataDirs.find's message starts with the task's name
+            continue
+        if samples is not None:
+            td.context["samples"] = samples
         notes += td.notes
+        td.notes = []  # the run's notes hold them now; aggregate() may add its own
         examples = round_robin(task.select(td, full), limit)
         loaded.append((task, td, examples))
     return loaded, skipped, notes
@@ -97,6 +107,7 @@ def evaluate(
     device: str,
     dtype: str,
     max_new_tokens: int | None = None,
+    samples: int | None = None,
 ) -> Path:
     from qtulu.eval import model as model_mod
     from qtulu.eval.backend import HFBackend, VLLMBackend
@@ -109,19 +120,26 @@ def evaluate(
     if max_new_tokens is not None:
         if max_new_tokens < 1:
             raise QtuluError("--max-new-tokens: must be at least 1", 2)
-        notes = [f"--max-new-tokens {max_new_tokens}: generations capped below the protocol's (GSM/BBH 512, "
-                 "TydiQA 50); a smoke run, not comparable to the paper"]
+        notes = [f"--max-new-tokens {max_new_tokens}: generations capped below the protocol's (GSM, BBH, Codex, "
+                 "ToxiGen 512; AlpacaEval 2048; TydiQA, TruthfulQA generation 50); a smoke run, not comparable "
+                 "to the paper"]
     else:
         notes = []
+    if samples is not None and samples < 1:
+        raise QtuluError("--samples: must be at least 1", 2)
     if backend not in ("hf", "vllm"):
         raise QtuluError(f"--backend: '{backend}' is not hf or vllm", 2)
     resolved = model_mod.resolve(model, adapter)
-    loaded, skipped, task_notes = load_tasks(tasks, DataDirs(data_dirs), limit, full)
+    loaded, skipped, task_notes = load_tasks(tasks, DataDirs(data_dirs), limit, full, samples)
     notes += task_notes
     for message in skipped.values():
         err.print(message, markup=False)
     if not loaded:
-        raise NotBuiltYet(f"qtulu eval: none of the tasks asked for can run yet ({', '.join(skipped)})")
+        if all(isinstance(get_task(n), PlannedTask) for n in skipped):
+            raise NotBuiltYet(f"qtulu eval: none of the tasks asked for can run yet ({', '.join(skipped)})")
+        raise QtuluError(
+            f"qtulu eval: none of the tasks asked for can run here ({', '.join(skipped)}); see the messages above", 2
+        )
     for note in notes:
         err.print(f"note: {note}", markup=False)
 
@@ -170,12 +188,16 @@ def evaluate(
                     rec.update(task.score_item(rec, requests[i].example, td))
                     records[i] = rec
                     done.append(float(rec["f1"]) if "f1" in rec else float(bool(rec["correct"])))
-                progress.update(bar, advance=len(indices), metric=f"{task.headline[0]} {mean(done):.3f} (running)")
+                if task.scored_in_aggregate:  # executed or judged after generation: no running metric
+                    progress.update(bar, advance=len(indices), metric="generating; scored after")
+                else:
+                    progress.update(bar, advance=len(indices), metric=f"{task.headline[0]} {mean(done):.3f} (running)")
 
             runner.run(requests, on_results)
             metrics, breakdown = task.aggregate(records, td)
             progress.update(bar, metric=" ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
             _add_task(results, task, td, records, metrics, breakdown)
+            notes += td.notes
             records_all += records
 
     results.update(
@@ -191,6 +213,7 @@ def evaluate(
             "limit": limit,
             "full": full,
             "max_new_tokens": max_new_tokens,
+            "samples": samples,
             "skipped": skipped,
             "notes": notes,
             "elapsed_s": round(time.time() - started, 1),
@@ -212,6 +235,7 @@ def _empty_results(command: str) -> dict:
         "protocols": {},
         "seeds": {},
         "data": {},
+        "details": {},
     }
 
 
@@ -223,7 +247,9 @@ def _add_task(results: dict, task, td: TaskData, records: list[dict], metrics: d
     if breakdown:
         results["breakdown"][task.name] = breakdown
     results["counts"][task.name] = len(records)
-    results["protocols"][task.name] = task.protocol
+    results["protocols"][task.name] = task.protocol_for(td)
+    if td.details:
+        results["details"][task.name] = td.details
     if task.seed is not None:
         results["seeds"][task.name] = task.seed
     results["data"][task.name] = _digests(td)
@@ -272,9 +298,20 @@ def score(predictions: str, data_dirs: list[str] | None, output: str) -> Path:
             raise NotBuiltYet(f"{path}:{line_no}: task '{name}': {task.message()}")
         by_task.setdefault(name, []).append((line_no, rec))
 
-    results, records_all = _empty_results("score"), []
+    # a task that cannot be scored here (no judge, classifier or sandbox) is skipped; the rest are scored
+    skipped = {name: why for name in by_task if (why := get_task(name).unavailable())}
+    for message in skipped.values():
+        err.print(message, markup=False)
+    if len(skipped) == len(by_task):
+        names = ", ".join(skipped)
+        raise QtuluError(f"{path}: none of its tasks can be scored here ({names}); see the messages above", 2)
+
+    results, records_all, notes = _empty_results("score"), [], []
     results["predictions"] = str(path)
     for name, items in by_task.items():
+        if name in skipped:
+            records_all += [rec for _, rec in items]  # kept as they were, unscored
+            continue
         task = get_task(name)
         td = task.load(data, None)
         seen, records = {}, []
@@ -296,8 +333,13 @@ def score(predictions: str, data_dirs: list[str] | None, output: str) -> Path:
             records.append(rec)
         metrics, breakdown = task.aggregate(records, td)
         _add_task(results, task, td, records, metrics, breakdown)
+        notes += td.notes
         records_all += records
-    results.update({"model": None, "elapsed_s": round(time.time() - started, 1), "notes": [], "skipped": {}})
+    for note in notes:
+        err.print(f"note: {note}", markup=False)
+    results.update(
+        {"model": None, "elapsed_s": round(time.time() - started, 1), "notes": notes, "skipped": skipped}
+    )
     out_dir = Path(output).expanduser()
     write_outputs(out_dir, results, records_all, write_report)
     return out_dir

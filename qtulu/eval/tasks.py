@@ -5,7 +5,8 @@ answers (`requests`: generate, next-token choice or log-likelihood), scores ONE 
 from its `output` (`score_item`, the single scoring path of both `qtulu eval` and `qtulu eval score`)
 and aggregates (`aggregate`). A module plugs a task in with `register(task)`; a name whose task
 module is not built yet is registered with `register_planned`, so asking for it prints a plain
-message and the other tasks run.
+message and the other tasks run. A built task that cannot run on this machine (no judge configured,
+no toxicity classifier, no sandbox) says why in `unavailable`, and is skipped the same way.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ class Request:
     max_new_tokens: int = 0
     stop: list[str] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # copied into the prediction record (e.g. shots)
+    # Sampling (Codex): temperature 0 is greedy. The backend seeds its generator with `seed` before
+    # each group of requests sharing these settings, so a rerun with the same batch size repeats.
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
 
 
 @dataclass
@@ -43,6 +49,7 @@ class TaskData:
     files: dict[str, str] = field(default_factory=dict)  # data file -> sha256 prefix
     notes: list[str] = field(default_factory=list)
     context: dict = field(default_factory=dict)  # exemplars, prompts: what requests() needs
+    details: dict = field(default_factory=dict)  # what aggregate() learnt for results.json (judge stats...)
 
     def __post_init__(self):
         self.by_id = {e.id: e for e in self.examples}
@@ -55,6 +62,20 @@ class Task:
     protocol: dict = {}
     seed: int | None = None
     run_message: str | None = None  # set when the task can be re-scored but not yet run on a model
+    # True: a missing data set skips the task with the one-line message instead of failing the run
+    # (sets that are not among the usual eval data: AlpacaEval, ToxiGen)
+    skip_missing_data: bool = False
+    # True: items are scored together in aggregate() (execution, a judge), not one by one as generated
+    scored_in_aggregate: bool = False
+
+    def unavailable(self) -> str | None:
+        """Why the task cannot run here (one line, naming what to set), or None. Checked before any
+        model is loaded, and before re-scoring."""
+        return None
+
+    def protocol_for(self, td: TaskData) -> dict:
+        """The protocol results.json records (after aggregate: it may add what the run used)."""
+        return self.protocol
 
     def load(self, data, parts: list[str] | None) -> TaskData:
         raise NotImplementedError
@@ -104,15 +125,18 @@ def register_planned(name: str, title: str, issue: str) -> None:
     TASKS.setdefault(name, PlannedTask(name, title, issue))
 
 
+_builtin_loaded = False
+
+
 def _load_builtin() -> None:
-    if TASKS:
+    # a flag, not `if TASKS`: importing one task module directly (a test, a plug-in) registers its
+    # tasks first, and the others must still be loaded
+    global _builtin_loaded
+    if _builtin_loaded:
         return
-    for module in ("mmlu", "gsm", "bbh", "tydiqa", "truthfulqa", "codex_task"):
+    _builtin_loaded = True
+    for module in ("mmlu", "gsm", "bbh", "tydiqa", "truthfulqa", "codex_task", "judged_tasks"):
         importlib.import_module(f"qtulu.eval.{module}")
-    register_planned("codex", "Codex-HumanEval (pass@k in a sandbox)", "issue 15")
-    register_planned("alpaca", "AlpacaFarm/AlpacaEval win rate (LLM judge)", "issue 15")
-    register_planned("truthfulqa_gen", "TruthfulQA generation (% truthful and informative, judged)", "issue 15")
-    register_planned("toxigen", "ToxiGen (% toxic)", "issue 15")
 
 
 def get_task(name: str) -> Task:
@@ -148,7 +172,9 @@ def parse_tasks(spec: str) -> list[tuple[str, list[str] | None]]:
 
 def not_built(task: Task) -> str | None:
     """Why the task cannot run on a model here, or None."""
-    return task.message() if isinstance(task, PlannedTask) else task.run_message
+    if isinstance(task, PlannedTask):
+        return task.message()
+    return task.run_message or task.unavailable()
 
 
 def narrow(task: str, available: list[str], wanted: list[str] | None, kind: str) -> list[str]:

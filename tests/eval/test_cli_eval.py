@@ -36,9 +36,16 @@ def test_unknown_task_and_bad_part(qtulu_cli, micro_model, eval_data):
     assert r.returncode == 2 and "no BBH task named date_understandin" in r.stderr
 
 
-def test_only_unbuilt_tasks_exit_3(qtulu_cli, micro_model):
-    r = qtulu_cli("eval", micro_model, "--tasks", "alpaca,toxigen")
-    assert r.returncode == 3 and "not built yet" in r.stderr and r.stdout == ""
+def test_only_tasks_that_cannot_run_here_exit_2_with_one_line_each(qtulu_cli, micro_model, tmp_path):
+    r = qtulu_cli("eval", micro_model, "--tasks", "alpaca,toxigen",
+                  env={"QTULU_TOXIGEN_CLASSIFIER": tmp_path / "no-classifier"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr and len(lines) == 3
+    assert lines[0].startswith("alpaca: no LLM judge configured") and "QTULU_JUDGE_MODEL" in lines[0]
+    assert lines[1].startswith("toxigen: ToxiGen needs a toxicity classifier")
+    assert "QTULU_TOXIGEN_CLASSIFIER" in lines[1]
+    assert lines[2] == "error: qtulu eval: none of the tasks asked for can run here (alpaca, toxigen); see the " \
+                       "messages above"
 
 
 def _run_folder(tmp_path, micro_model, with_merged: bool):

@@ -78,19 +78,31 @@ def test_prompts_follow_the_papers_protocol(problems):
     assert prog.endswith("\ncheck(has_close_elements)\n") and p["test"] in prog
 
 
-def test_canonical_solutions_pass_all_and_wrong_ones_none_on_the_real_set(problems):
-    """All 164 problems, twice (canonical, then a wrong body), executed in the sandbox in parallel."""
+def test_canonical_solutions_pass_all_and_wrong_ones_none_on_the_real_set(problems, qtulu_cli, eval_data, tmp_path):
+    """All 164 problems, twice (canonical, then a wrong body), through `qtulu eval score`: executed in
+    the sandbox in parallel."""
     canonical = [{"task": "codex", "id": t, "output": p["canonical_solution"]} for t, p in problems.items()]
     wrong = [{"task": "codex", "id": t, "output": "    return None\n"} for t in problems]
     start = time.monotonic()
-    good_metrics, good_items = score_codex(canonical, problems)
-    bad_metrics, bad_items = score_codex(wrong, problems)
+    results = {}
+    for name, preds in (("canonical", canonical), ("wrong", wrong)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+        r = qtulu_cli("eval", "score", "--predictions", tmp_path / f"{name}.jsonl", "--data-dir", eval_data,
+                      "--output", tmp_path / name)
+        assert r.returncode == 0, r.stderr[-2000:]
+        results[name] = json.loads((tmp_path / name / "results.json").read_text())
+        lines = (tmp_path / name / "predictions.jsonl").read_text().splitlines()
+        results[name]["items"] = [json.loads(x) for x in lines]
     elapsed = time.monotonic() - start
-    assert good_metrics == {"pass@1": 1.0}, [i["id"] for i in good_items if not i["correct"]]
-    assert bad_metrics == {"pass@1": 0.0}, [i["id"] for i in bad_items if i["correct"]]
-    assert all(i["correct"] and i["outcome"] == "passed" for i in good_items)
-    assert [i["id"] for i in good_items] == list(problems)  # input order kept
-    print(f"328 HumanEval programs in {elapsed:.1f} s")
+    good, bad = results["canonical"], results["wrong"]
+    assert good["tasks"] == {"codex": {"pass@1": 1.0}}, [i["id"] for i in good["items"] if not i["correct"]]
+    assert bad["tasks"] == {"codex": {"pass@1": 0.0}}, [i["id"] for i in bad["items"] if i["correct"]]
+    assert all(i["correct"] and i["outcome"] == "passed" for i in good["items"])
+    assert [i["id"] for i in good["items"]] == list(problems)  # input order kept
+    assert good["counts"] == {"codex": 164} and good["protocols"]["codex"]["sandbox"]["missing"] == []
+    # fewer than 10 samples per problem: pass@10 is left out, and the report says why
+    assert any("pass@10 not reported" in n for n in good["notes"])
+    print(f"328 HumanEval programs through `qtulu eval score` in {elapsed:.1f} s")
 
 
 def test_samples_give_unbiased_pass_at_1_and_10(problems):
@@ -130,6 +142,46 @@ def test_unknown_ids_and_missing_outputs_are_one_line_errors(problems):
         score_codex([{"id": "HumanEval/0", "output": ""}, {"id": "HumanEval/999", "output": ""}], problems)
     with pytest.raises(QtuluError, match="`output` must be the completion text"):
         score_codex([{"id": "HumanEval/0"}], problems)
+
+
+def test_requests_follow_the_sampling_protocol(eval_data, chat_llama):
+    from qtulu.eval.data import DataDirs
+    from qtulu.eval.prompts import PromptFormat
+    from qtulu.eval.tasks import get_task
+
+    task = get_task("codex")
+    td = task.load(DataDirs([eval_data]), None)
+    e = td.by_id["HumanEval/3"]
+    problem = e.data["problem"]
+    reqs = task.requests([e], td, PromptFormat(chat_llama, "chat"))
+    assert len(reqs) == 40  # the protocol's n = 20, at each of the two temperatures
+    assert [r.temperature for r in reqs] == [0.1] * 20 + [0.8] * 20
+    assert [r.extra for r in reqs] == [{"sample": j, "temperature": t} for t in (0.1, 0.8) for j in range(20)]
+    assert {(r.top_p, r.seed, r.max_new_tokens) for r in reqs} == {(0.95, 42, 512)}
+    assert reqs[0].stop[:5] == list(codex.STOP_SEQUENCES)
+    assert reqs[0].prompt == (
+        "<s><|user|>\nComplete the following python function.\n\n\n" + problem["prompt"].strip() + "\n<|assistant|>\n"
+        "Here is the completed function:\n\n\n" + problem["prompt"]
+    )
+    plain = task.requests([e], td, PromptFormat(chat_llama, "plain"))
+    assert plain[0].prompt == "<s>" + problem["prompt"] and plain[0].stop == list(codex.STOP_SEQUENCES)
+    td.context["samples"] = 3  # --samples 3 (a smoke run)
+    assert len(task.requests([e], td, PromptFormat(chat_llama, "chat"))) == 6
+
+
+def test_completions_keep_their_leading_indentation(llama_tokenizer):
+    """SentencePiece drops the leading space of a decoded piece list: the backend decodes prompt +
+    completion and drops the prompt's text, so a body keeps its four spaces."""
+    from types import SimpleNamespace
+
+    from qtulu.eval.backend import HFBackend
+
+    prompt, completion = '<s>def f(x):\n    """Add one."""\n', "    return x + 1\n"
+    ids = llama_tokenizer(prompt + completion, add_special_tokens=False).input_ids
+    n = len(llama_tokenizer(prompt, add_special_tokens=False).input_ids)
+    assert llama_tokenizer.decode(ids[n:], skip_special_tokens=True) != completion  # the trap
+    backend = SimpleNamespace(tokenizer=llama_tokenizer)
+    assert HFBackend._continuation(backend, ids[:n], ids[n:]) == completion
 
 
 def test_protocol_details_for_the_report():

@@ -1,12 +1,11 @@
-"""The judge client against a fake OpenAI-compatible server on 127.0.0.1 (started here, loopback
-only), and the judged tasks' scoring."""
+"""The judge client against a fake OpenAI-compatible server on 127.0.0.1 (conftest's FakeJudge,
+started by each test, loopback only), and the judged tasks' scoring."""
 
 import csv
 import json
-import threading
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -31,95 +30,6 @@ from qtulu.eval.judge import (
     score_truthfulqa_generation,
     truthfulqa_references,
 )
-
-
-class FakeJudge:
-    """An OpenAI-compatible /v1/chat/completions server. `script` is a list of behaviours served
-    to the next requests in order ("slow", "malformed", "429", "500", "empty"); after it, `answer`
-    (a function of the last user message) gives the reply."""
-
-    def __init__(self):
-        self.script: list[str] = []
-        self.answer = lambda text: "yes"
-        self.requests: list[dict] = []
-        self.headers: list[dict] = []
-        self.in_flight = 0
-        self.max_in_flight = 0
-        self.delay = 0.0
-        self.slow_s = 1.0
-        self._lock = threading.Lock()
-        fake = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with fake._lock:
-                    fake.requests.append(body)
-                    fake.headers.append(dict(self.headers))
-                    action = fake.script.pop(0) if fake.script else "ok"
-                    fake.in_flight += 1
-                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-                try:
-                    fake._serve(self, body, action)
-                finally:
-                    with fake._lock:
-                        fake.in_flight -= 1
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def _serve(self, h, body, action):
-        if self.delay:
-            time.sleep(self.delay)
-        if action == "slow":
-            time.sleep(self.slow_s)
-        if action == "429":
-            return self._send(h, 429, {"error": {"message": "rate limited"}}, {"Retry-After": "0.2"})
-        if action == "500":
-            return self._send(h, 500, {"error": {"message": "boom"}})
-        if action == "malformed":
-            raw = b"<html>not json</html>"
-            h.send_response(200)
-            h.send_header("Content-Length", str(len(raw)))
-            h.end_headers()
-            return h.wfile.write(raw)
-        if action == "empty":
-            return self._send(h, 200, {"choices": []})
-        text = body["messages"][-1]["content"]
-        reply = {"id": "x", "object": "chat.completion", "model": body["model"]}
-        reply["choices"] = [{"index": 0, "message": {"role": "assistant", "content": self.answer(text)}}]
-        return self._send(h, 200, reply)
-
-    @staticmethod
-    def _send(h, code, obj, headers=None):
-        raw = json.dumps(obj).encode()
-        try:
-            h.send_response(code)
-            for k, v in (headers or {}).items():
-                h.send_header(k, v)
-            h.send_header("Content-Type", "application/json")
-            h.send_header("Content-Length", str(len(raw)))
-            h.end_headers()
-            h.wfile.write(raw)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (timeout)
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def fake():
-    server = FakeJudge()
-    yield server
-    server.close()
 
 
 def client(fake, tmp_path, **kw):
@@ -295,3 +205,92 @@ def test_toxigen_scoring_with_a_classifier():
     metrics, items = score_toxigen(preds, lambda texts: ["awful" in t for t in texts])
     assert metrics == {"toxic": 0.25, "toxic/asian": 0.5, "toxic/jewish": 0.0}
     assert [i["toxic"] for i in items] == [True, False, False, False]
+
+
+def test_judge_settings_from_the_environment_are_checked(monkeypatch):
+    from qtulu.eval.judge import judge_config_from_env
+
+    monkeypatch.setenv(ENV_URL, "http://127.0.0.1:9/v1")
+    monkeypatch.setenv(ENV_MODEL, "judge-env")
+    monkeypatch.setenv("QTULU_JUDGE_CONCURRENCY", "2")
+    monkeypatch.setenv("QTULU_JUDGE_TIMEOUT", "7.5")
+    cfg = judge_config_from_env()
+    assert (cfg.concurrency, cfg.timeout_s) == (2, 7.5)
+    monkeypatch.setenv("QTULU_JUDGE_CONCURRENCY", "many")
+    with pytest.raises(QtuluError, match=r"QTULU_JUDGE_CONCURRENCY='many': expected a positive int") as e:
+        judge_config_from_env()
+    assert e.value.exit_code == 2
+
+
+def test_alpaca_eval_files_are_read_with_one_line_errors(tmp_path):
+    from qtulu.eval.judged_tasks import read_alpaca_eval
+
+    good = tmp_path / "alpaca_eval.json"
+    good.write_text(json.dumps([{"instruction": "Say hi.", "output": "Hi!", "dataset": "vicuna"},
+                                {"instruction": "Count to 2.", "output": "1, 2", "generator": "text_davinci_003"}]))
+    ex = read_alpaca_eval(good)
+    assert [(e.id, e.part, e.gold, e.data["instruction"]) for e in ex] == [
+        ("0", "vicuna", "Hi!", "Say hi."), ("1", "", "1, 2", "Count to 2.")]
+    bad = tmp_path / "bad.json"
+    for text, msg in (("[{", "bad.json:1: not JSON"), ("{}", "expected a non-empty JSON array"),
+                      ('[{"instruction": "x"}]', "item 0: missing text field 'output'")):
+        bad.write_text(text)
+        with pytest.raises(QtuluError, match=msg) as e:
+            read_alpaca_eval(bad)
+        assert "\n" not in str(e.value)
+
+
+def test_a_missing_judged_set_skips_its_task_in_one_line(monkeypatch, tmp_path, eval_data):
+    from qtulu.eval.data import DataDirs
+    from qtulu.eval.runner import load_tasks
+
+    monkeypatch.setenv(ENV_URL, "http://127.0.0.1:9/v1")  # a judge is configured: only the data is missing
+    monkeypatch.setenv(ENV_MODEL, "judge-env")
+    loaded, skipped, _ = load_tasks("alpaca,truthfulqa_gen", DataDirs([eval_data]), 2, False)
+    assert [t.name for t, _, _ in loaded] == ["truthfulqa_gen"]  # TruthfulQA.csv is in the shared data
+    msg = skipped["alpaca"]
+    assert "\n" not in msg and msg.startswith("alpaca: alpaca_eval/alpaca_eval.json not found under")
+    assert msg.endswith("; skipped") and "DIR/alpaca_eval/alpaca_eval.json" in msg
+
+
+def test_toxigen_prompts_are_read_and_sampled_as_the_reference(tmp_path, chat_llama):
+    """Self-written, harmless stand-ins in ToxiGen's file format: statements separated by a literal \\n."""
+    from qtulu.eval.data import DataDirs
+    from qtulu.eval.prompts import PromptFormat
+    from qtulu.eval.tasks import get_task
+
+    folder = tmp_path / "toxigen"
+    folder.mkdir()
+    lines = [f"- statement {i} about the weather\\n- another statement {i}\\n-" for i in range(600)]
+    (folder / "hate_groupa_1k.txt").write_text("\n".join(lines) + "\n")
+    (folder / "hate_groupb.txt").write_text("- one\\n-\n\n- two\\n-\n")
+    task = get_task("toxigen")
+    td = task.load(DataDirs([tmp_path]), None)
+    assert td.parts == ["groupa", "groupb"] and "2 of the reference's 14 groups" in td.notes[0]
+    assert td.by_id["groupa/0"].data["text"] == "- statement 0 about the weather\n- another statement 0\n-"
+    assert [e.id for e in td.examples if e.part == "groupb"] == ["groupb/0", "groupb/2"]  # ids are file lines
+    picked = task.select(td, full=False)
+    expected = [f"groupa/{i}" for i in range(600)]
+    random.Random(42).shuffle(expected)
+    assert [e.id for e in picked if e.part == "groupa"] == expected[:500]  # 500 per group, seed 42
+    assert len(task.select(td, full=True)) == 602
+    narrowed = task.load(DataDirs([tmp_path]), ["groupb"])
+    assert [e.part for e in narrowed.examples] == ["groupb", "groupb"] and len(narrowed.files) == 1
+    chat = task.requests(picked[:1], td, PromptFormat(chat_llama, "chat"))[0]
+    assert chat.prompt.startswith("<s><|user|>\nComplete the following: - statement") and chat.max_new_tokens == 512
+    plain = task.requests(picked[:1], td, PromptFormat(chat_llama, "plain"))[0]
+    assert plain.prompt == "<s>" + picked[0].data["text"] and plain.stop == ["\n"]
+
+
+def test_a_judge_that_keeps_failing_is_given_up_on(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nothing listens on: connection refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = JudgeConfig(url=f"http://127.0.0.1:{port}/v1", model="judge-1", max_retries=1, backoff_s=0.01,
+                      concurrency=1, give_up_after=3)
+    c = JudgeClient(cfg, cache_dir=tmp_path / "cache")
+    out = c.complete_many([[{"role": "user", "content": f"q{i}"}] for i in range(10)])
+    assert out == [None] * 10
+    assert (c.stats.requests, c.stats.failed, c.stats.not_asked) == (6, 10, 7)  # 3 judgements x 2 tries
