@@ -93,13 +93,12 @@ def test_unknown_preset_is_one_line():
     assert result.stderr.strip().startswith("error: --size: no size preset named '70b'; choose one of: ")
 
 
-@pytest.mark.parametrize("args", [["train", "--size", "micro", "--mix", "sample"], ["merge", "runs/x"],
-                                  ["eval", "runs/x/merged"]])
-def test_unbuilt_commands_say_so_plainly(args):
+@pytest.mark.parametrize("args", [["merge", "no/such/run"], ["eval", "no/such/model"]])
+def test_missing_model_or_run_is_one_line(args):
     result = run(*args)
-    assert result.returncode == 3, result.stdout + result.stderr
-    assert "not built yet" in result.stderr
-    assert result.stdout == ""  # no fake output
+    assert result.returncode != 0, result.stdout + result.stderr
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "no/such" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_plan_prints_a_table_for_every_llama_size():
@@ -141,7 +140,7 @@ def test_bench_lists_benchmarks():
     listed = dict(rows)
     folder = Path(qtulu.benchmarks.__file__).parent
     assert (folder / "_measure.py").is_file() and "_measure" not in listed
-    assert {"attention", "loss", "data"} <= set(listed), result.stdout
+    assert {"attention", "loss", "data", "train"} <= set(listed), result.stdout
     for name, summary in listed.items():
         module = folder / f"{name}.py"
         assert module.is_file() and not name.startswith("_"), name
@@ -150,9 +149,15 @@ def test_bench_lists_benchmarks():
         assert summary.strip() == doc.strip().splitlines()[0], name
     assert listed["attention"].startswith("Varlen causal attention")
     assert listed["loss"].startswith("Fused linear cross-entropy")
-    assert listed["data"].startswith("Data: labels from offsets")
+    assert listed["data"].startswith("Data: tokens against the reference's")
+    assert listed["train"].startswith("Training: real tokens/s")
 
 
 def test_bench_unknown_name():
     result = run("bench", "nope")
     assert result.returncode == 2 and "no benchmark named 'nope'" in result.stderr
+
+
+def test_bench_refuses_private_helpers():
+    result = run("bench", "_measure")
+    assert result.returncode == 2 and "no benchmark named '_measure'" in result.stderr

