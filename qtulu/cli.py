@@ -96,7 +96,10 @@ def train(
         extra += ["--checkpoint.output_dir", output]
     if max_steps is not None:
         extra += ["--optim.max_steps", str(max_steps)]
-    cfg = load_config(size=size, mix=mix, config_file=config, overrides=extra,
+    from qtulu.train.launch import check_launched, launcher_world_size
+
+    # under torchrun / accelerate launch the number of processes is the launcher's (launch.num_gpus follows it)
+    cfg = load_config(size=size, mix=mix, config_file=config, overrides=extra, world_size=launcher_world_size(),
                       cli_options=("size", "mix", "config", "output", "max-steps", "resume", "force", "dry-run"))
     if resume is None and cfg.checkpoint.resume == "never":
         resume = False
@@ -106,14 +109,24 @@ def train(
                    f"(gradient accumulation: {cfg.grad_accum_steps} micro-batches per step)")
         typer.echo(dump_config(cfg), nl=False)
         return
+    argv = sys.argv[1:]
+    check_launched(cfg, argv[argv.index("train") + 1:] if "train" in argv else argv)
     from qtulu.train.recipe import TrainingInterrupted, train_run
 
     _quiet_libraries()
     try:
         train_run(cfg, resume=resume, force=force, console=console)
-    except TrainingInterrupted as stop:
-        err_console.print(str(stop), markup=False)
-        sys.exit(stop.exit_code)
+    except QtuluError as err:
+        if not getattr(err, "collective", False):
+            raise  # main() prints it, in whichever process raised it
+        # Every process raised this same error at the same point (a stop they agreed on, a check of shared
+        # state): the main process says it once, and all leave together after it has, because a launcher
+        # stops every process as soon as one exits non-zero, which could cut the main one off mid-message.
+        from qtulu.train.recipe import finish_together
+
+        lines = [str(err)] if isinstance(err, TrainingInterrupted) else [f"error: {x}" for x in str(err).splitlines()]
+        finish_together(lambda: [err_console.print(line, markup=False) for line in lines])
+        sys.exit(err.exit_code)
 
 
 def _quiet_libraries() -> None:

@@ -185,13 +185,16 @@ class RunConfig(Section):
         return self.optim.batch_size // (self.optim.micro_batch_size * self.launch.num_gpus)
 
 
-def combination_errors(cfg: RunConfig) -> list[tuple[str, str]]:
-    """Settings that are each valid but impossible together, as (key path, message)."""
+def combination_errors(cfg: RunConfig, world_size: int | None = None) -> list[tuple[str, str]]:
+    """Settings that are each valid but impossible together, as (key path, message).
+
+    world_size: the number of processes a launcher started (None: no launcher)."""
     errors = []
     per_step = cfg.optim.micro_batch_size * cfg.launch.num_gpus
     if cfg.optim.batch_size % per_step:
+        launched = f" (launch.num_gpus is the launcher's {world_size} processes)" if world_size else ""
         errors.append(("optim.batch_size", f"{cfg.optim.batch_size} is not a multiple of optim.micro_batch_size "
-                       f"x launch.num_gpus = {per_step}; pick a batch size divisible by it"))
+                       f"x launch.num_gpus = {per_step}{launched}; pick a batch size divisible by it"))
     if cfg.model.init == "random" and cfg.model.arch is None:
         errors.append(("model.arch", "model.init=random needs model.arch (the architecture to build)"))
     arch = cfg.model.arch
@@ -206,9 +209,31 @@ def combination_errors(cfg: RunConfig) -> list[tuple[str, str]]:
         errors.append(("quant.quant_storage", f"FSDP shards 4-bit weights only when quant.quant_storage equals "
                        f"quant.compute_dtype ({cfg.quant.compute_dtype}); set --quant.quant_storage "
                        f"{cfg.quant.compute_dtype}"))
-    if cfg.launch.device == "cpu" and cfg.launch.strategy != "single":
+    # Without a launcher a multi-process strategy on the CPU is a mistake; under one (torchrun,
+    # accelerate launch) the processes exist and train over gloo, which is how the CPU tests run it.
+    if cfg.launch.device == "cpu" and cfg.launch.strategy != "single" and not world_size:
         errors.append(("launch.device", "multi-GPU strategies need launch.device cuda or auto"))
     return errors
+
+
+def resolve_launch(cfg: RunConfig, given: set[str], world_size: int | None) -> list[tuple[str, str]]:
+    """Under a launcher, the number of processes is the launcher's world size, and launch.num_gpus
+    follows it: taken from it when not given, refused when given and different (it sets the
+    gradient accumulation, so a mismatch would silently change the effective batch). Several
+    processes with no strategy named mean DDP. `given`: the keys some layer of the config set.
+    Returns errors as (key path, message); changes `cfg` in place."""
+    if world_size is None:
+        return []
+    if "launch.num_gpus" in given and cfg.launch.num_gpus != world_size:
+        return [("launch.num_gpus", f"{cfg.launch.num_gpus} contradicts the launcher, which started {world_size} "
+                 f"process(es) (WORLD_SIZE); drop launch.num_gpus or launch {cfg.launch.num_gpus} processes")]
+    cfg.launch.num_gpus = world_size
+    if world_size > 1 and cfg.launch.strategy == "single":
+        if "launch.strategy" in given:
+            return [("launch.strategy", f"single trains in one process, but the launcher started {world_size}; "
+                     "use ddp, or launch one process")]
+        cfg.launch.strategy = "ddp"
+    return []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,10 +405,13 @@ def load_config(
     config_file: str | None = None,
     overrides: list[str] | None = None,
     cli_options: tuple[str, ...] = (),
+    world_size: int | None = None,
 ) -> RunConfig:
     """Assemble, validate and return a run config; raise ConfigError listing every problem.
 
     `cli_options` are the calling command's own option names, suggested for a mistyped flag.
+    `world_size`: the processes a launcher started (qtulu.train.launch.launcher_world_size), None
+    without one; launch.num_gpus then follows it (resolve_launch).
     """
     tree: dict = {}
     origin: dict = {}
@@ -417,7 +445,9 @@ def load_config(
         cfg = RunConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError([_format_error(err, origin, cli_options) for err in e.errors()]) from None
-    problems = [f"{key}: {msg}{_origin_suffix(origin, key)}" for key, msg in combination_errors(cfg)]
+    launch_problems = resolve_launch(cfg, set(origin), world_size)
+    problems = [f"{key}: {msg}{_origin_suffix(origin, key)}"
+                for key, msg in launch_problems or combination_errors(cfg, world_size)]
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -5,13 +5,21 @@ RUN/
   adapter/         the final LoRA adapter (PEFT format), tokenizer/ with the TÜLU chat template
   metrics.jsonl    one line per optimizer step
   checkpoints/step-00000010/
-      adapter/ (PEFT), optimizer.pt, rng.pt, state.json (data position, scheduler, counters),
+      adapter/ (PEFT), optimizer.pt, rng-rank0.pt (one per process: python, numpy, torch and CUDA
+      RNG states), state.json (data position, scheduler, counters, the number of processes),
       config.yaml, metrics.jsonl (the metrics up to this step)
 
 A checkpoint is written into a hidden temporary folder, every file fsynced, then renamed to
 `step-N` and the parent fsynced: a `step-N` folder exists only when complete, so a SIGKILL at
 any moment (mid-save included) leaves at worst a `.step-N.partial-*` folder that resume ignores
 and the next save removes. `state.json` is written last as a second guard.
+
+Several processes: the main process creates the temporary folder (start_checkpoint), every process
+writes its RNG state into it (write_rank_rng), and once all have (a barrier in the loop) the main
+process writes the shared parts and renames it (finish_checkpoint), which it refuses to do while
+any process's RNG file is missing. The adapter and optimizer are the same in every process (DDP),
+so one copy is kept. A run resumes only with the number of processes that wrote its checkpoint:
+another number would change how each step's rows are split and summed, so not bit for bit the same.
 """
 
 from __future__ import annotations
@@ -35,7 +43,9 @@ CHECKPOINTS = "checkpoints"
 STATE = "state.json"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 # keys that may change between the sessions of one run (everything else must match to resume)
-MAY_DIFFER = ("checkpoint.save_every_steps", "checkpoint.keep_last", "checkpoint.resume", "logging.", "data.cache_dir")
+MAY_DIFFER = ("checkpoint.save_every_steps", "checkpoint.keep_last", "checkpoint.resume", "logging.", "data.cache_dir",
+              # the launch is checked against the checkpoint itself, with a message that says how to resume
+              "launch.num_gpus", "launch.strategy")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -102,12 +112,14 @@ def complete_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def check_run_dir(run_dir: Path, config_dump: dict, resume: bool | None) -> Path | None:
+def check_run_dir(run_dir: Path, config_dump: dict, resume: bool | None, world_size: int = 1,
+                  strategy: str = "single") -> Path | None:
     """Decide what to do with the output folder before anything is written to it.
 
     Returns the checkpoint to resume from, or None for a fresh start. resume=True requires a
     checkpoint; resume=False refuses a folder that already holds a run; None resumes when there is
-    a checkpoint. A folder holding a run with another config is refused in every mode.
+    a checkpoint. A folder holding a run with another config is refused in every mode, and a
+    checkpoint written by another number of processes (or another strategy) is not resumed.
     """
     saved_path = run_dir / "config.yaml"
     if run_dir.exists() and not run_dir.is_dir():
@@ -131,7 +143,29 @@ def check_run_dir(run_dir: Path, config_dump: dict, resume: bool | None) -> Path
     checkpoints = complete_checkpoints(run_dir)
     if resume is True and not checkpoints:
         raise QtuluError(f"{run_dir}: no complete checkpoint to resume from; start without --resume")
-    return checkpoints[-1][1] if checkpoints and resume is not False else None
+    if not checkpoints or resume is False:
+        return None
+    folder = checkpoints[-1][1]
+    _check_same_launch(folder, world_size, strategy)
+    return folder
+
+
+def _check_same_launch(folder: Path, world_size: int, strategy: str) -> None:
+    try:
+        state = json.loads((folder / STATE).read_text())
+    except (OSError, ValueError) as e:
+        raise QtuluError(f"{folder / STATE}: not readable ({e}); remove {folder} to resume from the one before") \
+            from None
+    saved, saved_strategy = state.get("world_size", 1), state.get("strategy", "single")
+    if saved != world_size:
+        how = ("without a launcher" if saved == 1 else
+               f'under a launcher with {saved} processes, e.g. torchrun --nproc_per_node {saved} "$(which qtulu)" '
+               "train ... --resume")
+        raise QtuluError(f"{folder}: written by {saved} process(es), but {world_size} are running; a run resumes "
+                         f"exactly only with the same number: resume it {how} (or start a new --output)")
+    if saved_strategy != strategy:
+        raise QtuluError(f"{folder}: written with launch.strategy {saved_strategy}, now {strategy}; resume it with "
+                         f"--launch.strategy {saved_strategy} (or start a new --output)")
 
 
 def rng_state() -> dict:
@@ -160,37 +194,59 @@ def _kill_self_if_asked(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, config_text: str,
-                    metrics_text: str, keep_last: int) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep_last`."""
+def start_checkpoint(run_dir: Path, step: int) -> Path:
+    """The hidden temporary folder checkpoint `step` is written into (main process)."""
     folder = run_dir / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(".step-*.partial-*"):  # left by a process killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=folder, prefix=f".step-{step:08d}.partial-"))
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.pt"
+
+
+def write_rank_rng(tmp: Path, rank: int) -> None:
+    """This process's RNG states into the checkpoint being written (every process)."""
+    path = Path(tmp) / rng_file(rank)
+    torch.save(rng_state(), path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def finish_checkpoint(tmp: Path, run_dir: Path, step: int, model, optimizer, state: dict, config_text: str,
+                      metrics_text: str, keep_last: int) -> Path:
+    """Write the shared parts into `tmp`, then rename it to checkpoint `step` (main process, after
+    every process's write_rank_rng); keep only the newest `keep_last`."""
+    folder = run_dir / CHECKPOINTS
     target = folder / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{target.name}.partial-"))
+    partial = Path(tmp)
     try:
-        model.save_pretrained(tmp / "adapter", safe_serialization=True)
+        missing = [r for r in range(state.get("world_size", 1)) if not (partial / rng_file(r)).is_file()]
+        if missing:
+            raise QtuluError(f"checkpoint {step}: no RNG state from process(es) {missing}; not completed")
+        model.save_pretrained(partial / "adapter", safe_serialization=True)
         _kill_self_if_asked(step)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(rng_state(), tmp / "rng.pt")
-        (tmp / "config.yaml").write_text(config_text)
-        (tmp / "metrics.jsonl").write_text(metrics_text)
-        (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the folder complete
-        _fsync_tree(tmp)
+        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
+        (partial / "config.yaml").write_text(config_text)
+        (partial / "metrics.jsonl").write_text(metrics_text)
+        (partial / STATE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the folder complete
+        _fsync_tree(partial)
         if target.exists():  # the same step saved again (a resumed run that ended where it started)
             shutil.rmtree(target)
-        tmp.rename(target)
+        partial.rename(target)
         _fsync_dir(folder)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(partial, ignore_errors=True)
     for _, old in complete_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target
 
 
-def load_checkpoint(folder: Path, model, optimizer) -> dict:
-    """Restore adapter weights, optimizer and RNG states from `folder`; return its state.json."""
+def load_checkpoint(folder: Path, model, optimizer, rank: int = 0) -> dict:
+    """Restore adapter weights, optimizer and process `rank`'s RNG states from `folder`; return its
+    state.json."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -199,8 +255,12 @@ def load_checkpoint(folder: Path, model, optimizer) -> dict:
         weights = load_file(adapter, device=str(next(model.parameters()).device))
         set_peft_model_state_dict(model, weights)
         optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-        set_rng_state(torch.load(folder / "rng.pt", weights_only=True))
+        rng = folder / rng_file(rank)
+        if not rng.is_file() and rank == 0 and (folder / "rng.pt").is_file():
+            rng = folder / "rng.pt"  # written before checkpoints had one RNG file per process
+        set_rng_state(torch.load(rng, weights_only=True))
         return json.loads((folder / STATE).read_text())
     except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise QtuluError(f"{folder}: checkpoint could not be loaded ({type(e).__name__}: {e})".splitlines()[0]
+        who = f"process {rank}: " if rank else ""
+        raise QtuluError(f"{who}{folder}: checkpoint could not be loaded ({type(e).__name__}: {e})".splitlines()[0]
                          + "; remove it to resume from the one before") from None

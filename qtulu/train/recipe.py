@@ -5,6 +5,14 @@ labelled tokens of the WHOLE step first (all micro-batches, all processes: one a
 runs forward + backward per micro-batch with the summed loss divided by that count. So every
 token weighs the same, however the step is split into micro-batches or processes (a mean of
 micro-batch means would weigh a short micro-batch's tokens more).
+
+Several processes (torchrun / accelerate launch, DDP): each reads its own share of the step's rows;
+because every process divides by the GLOBAL count, the step's gradient is the SUM of the processes'
+gradients, which one all-reduce per step gives them all (sync_gradients) before clipping, so every
+process clips the same norm, takes the same NaN decision and makes the same update. Stopping on a
+signal is agreed by all (an all-gather of the flags per step), checkpoints are written by the main
+process with each process's RNG state beside them (checkpoint.py), and only the main process
+writes metrics, logs and the progress bar.
 """
 
 from __future__ import annotations
@@ -22,25 +30,50 @@ import torch
 from rich.console import Console
 
 from qtulu.config import RunConfig, dump_config, parse_overrides
-from qtulu.errors import QtuluError
+from qtulu.errors import NotBuiltYet, QtuluError
 from qtulu.files import building_dir
 from qtulu.train.batches import Position, StepBatches, collate, count_tokens
 from qtulu.train.checkpoint import (
     check_run_dir,
     complete_checkpoints,
+    finish_checkpoint,
     load_checkpoint,
-    save_checkpoint,
+    start_checkpoint,
+    write_rank_rng,
     write_text_atomic,
 )
+from qtulu.train.launch import FSDP_NOT_BUILT
 from qtulu.train.loss import micro_batch_loss
 from qtulu.train.metrics import MetricsLog, peak_memory_bytes, read_metrics
 from qtulu.train.optim import build_optimizer, build_scheduler, total_steps
 
 GB = 1024**3
+# the LoRA gradients are summed across processes in buckets of this many elements (fp32): a flat
+# copy of all of them at once would double their memory (r=64 on 65B: ~1.6 GB more per GPU)
+BUCKET_ELEMENTS = 16 * 1024 * 1024
 
 
 class TrainingInterrupted(QtuluError):
     """Ctrl-C or SIGTERM: a checkpoint was saved; exit 130 (SIGINT) or 143 (SIGTERM)."""
+
+    collective = True  # every process stops after the same step (the flag is agreed on)
+
+
+def collective(err: QtuluError) -> QtuluError:
+    """Mark an error that every process raises at the same point (a check of shared state, a value
+    reduced across processes): the CLI prints it once, from the main process."""
+    err.collective = True
+    return err
+
+
+def finish_together(say) -> None:
+    """The main process calls `say()`; then every process waits for the others (see cli.train)."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        say()
+    state.wait_for_everyone()
 
 
 def seed_everything(seed: int) -> None:
@@ -77,7 +110,11 @@ class LoraFinetune:
         from accelerate import PartialState
 
         self.cfg, self.resume, self.force = cfg, resume, force
-        self.dist = PartialState()  # rank and world size from the launcher; one process without one
+        # rank and world size from the launcher; one process without one. accelerate sets up a CPU
+        # (gloo) process group only when told the run is on the CPU: otherwise, with no GPU, each of
+        # the launched processes would quietly believe it is alone.
+        self.dist = PartialState(cpu=cfg.launch.device == "cpu" or not torch.cuda.is_available())
+        self.rank, self.world = self.dist.process_index, self.dist.num_processes
         self.is_main = self.dist.is_main_process
         self.console = console or Console(highlight=False)
         self.run_dir = run_dir_of(cfg)
@@ -92,31 +129,75 @@ class LoraFinetune:
     # setup
 
     def setup(self) -> None:
+        from qtulu.model.cpu_memory import use_fixed_mmap_threshold
         from qtulu.model.load import pick_device
 
         cfg = self.cfg
-        self.resume_from = check_run_dir(self.run_dir, cfg.model_dump(mode="json"), self.resume)
+        try:
+            self._check_launch()
+            self.resume_from = check_run_dir(self.run_dir, cfg.model_dump(mode="json"), self.resume, self.world,
+                                             cfg.launch.strategy)
+        except QtuluError as e:
+            raise collective(e) from None  # the same checks of the same files in every process
         self.device = pick_device(cfg)
+        if self.device.type == "cpu":
+            # activations freed each step go back to the OS instead of fragmenting the heap: on 135m
+            # this halves the peak resident memory at the same speed (qtulu/model/cpu_memory.py)
+            use_fixed_mmap_threshold()
         self._check_memory()
-        self.tokenizer = self._load_tokenizer()
+        self.tokenizer = self._main_first(self._load_tokenizer)
         self.dataset = self._prepare_data()
         self.batches = StepBatches(self.dataset, cfg.optim.batch_size, cfg.optim.micro_batch_size, cfg.optim.seed,
-                                   self.dist.process_index, self.dist.num_processes)
+                                   self.rank, self.world)
         self.total = total_steps(cfg.optim, self.batches.steps_per_epoch)
-        seed_everything(cfg.optim.seed + self.dist.process_index)  # LoRA init, dropout
+        # The LoRA initialisation is the same in every process and for any number of processes (and
+        # then copied from the main one, as DDP would); dropout then draws from a stream per process.
+        seed_everything(cfg.optim.seed)
         self.model = self._build_model()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self._broadcast_params()
+        seed_everything(cfg.optim.seed + self.rank)
         self.optimizer, note = build_optimizer(self.params, cfg.optim, self.device)
         if note:
             self.say(f"note: {note}")
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.total)
         self.step, self.position, self.skipped, self.elapsed_before = 0, Position(), 0, 0.0
+        self.saved_step: int | None = None
         self.metrics_lines: list[str] = []
         if self.resume_from is not None:
             self._restore(self.resume_from)
         elif self.is_main:
             self._start_run_dir()
         self._summary()
+
+    def _check_launch(self) -> None:
+        """The config must describe the processes that really run (the CLI resolves launch.num_gpus
+        from the launcher; this guards every other way in)."""
+        cfg, world = self.cfg, self.world
+        if cfg.launch.num_gpus != world:
+            raise QtuluError(f"launch.num_gpus: {cfg.launch.num_gpus}, but {world} process(es) were launched; start "
+                             f"{cfg.launch.num_gpus} processes (torchrun --nproc_per_node {cfg.launch.num_gpus} "
+                             "\"$(which qtulu)\" train ...) or drop launch.num_gpus", 2)
+        per_step = cfg.optim.micro_batch_size * world
+        if cfg.optim.batch_size % per_step:
+            raise QtuluError(f"optim.batch_size: {cfg.optim.batch_size} is not a multiple of optim.micro_batch_size "
+                             f"x processes = {per_step}; pick a batch size divisible by it", 2)
+        if cfg.launch.strategy == "fsdp":
+            raise NotBuiltYet(FSDP_NOT_BUILT)
+
+    def _main_first(self, build):
+        """`build()` in the main process first, then in each machine's first process, then in the rest:
+        what it writes into a cache (the tokenizer, a random-init model, a download) the later ones
+        find instead of racing to write it too."""
+        with self.dist.main_process_first(), self.dist.local_main_process_first():
+            return build()
+
+    def _broadcast_params(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            for p in self.params:
+                dist.broadcast(p.data, src=0)
 
     def _check_memory(self) -> None:
         """Stop before loading anything when `qtulu plan` says the run cannot fit this device."""
@@ -166,7 +247,7 @@ class LoraFinetune:
         from qtulu.model.load import base_model_dir, build_model
 
         cfg = self.cfg
-        self._check_vocab(base_model_dir(cfg))
+        self._check_vocab(self._main_first(lambda: base_model_dir(cfg)))
         model = build_model(cfg, self.device)
         base = model.get_base_model()
         if cfg.model.attention == "qtulu":
@@ -200,9 +281,10 @@ class LoraFinetune:
         write_text_atomic(self.run_dir / "metrics.jsonl", "")
 
     def _restore(self, folder: Path) -> None:
-        state = load_checkpoint(folder, self.model, self.optimizer)
+        state = load_checkpoint(folder, self.model, self.optimizer, self.rank)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped, self.elapsed_before = state["step"], state["skipped_steps"], state["elapsed_s"]
+        self.saved_step = self.step
         self.position = Position(**state["position"])
         # metrics after the checkpoint belong to steps that will run again
         text = (folder / "metrics.jsonl").read_text()
@@ -214,7 +296,7 @@ class LoraFinetune:
         cfg, stats = self.cfg, self.dataset.manifest["stats"]
         trainable, total = self.model.get_nb_trainable_parameters()
         start = f"resuming from step {self.step}" if self.resume_from is not None else "fresh start"
-        per_step = cfg.optim.micro_batch_size * self.dist.num_processes
+        per_step = cfg.optim.micro_batch_size * self.world
         self.say(f"qtulu train: run {cfg.name} -> {self.run_dir} ({start})")
         self.say(f"  model   {cfg.model.name_or_path} on {self.device}, "
                  f"{'4-bit ' + cfg.quant.quant_type if cfg.quant.load_in_4bit else cfg.quant.compute_dtype}, "
@@ -228,13 +310,14 @@ class LoraFinetune:
                  f"trainable), packing efficiency {stats['packing_efficiency']:.3f}")
         self.say(f"  steps   {self.total} ({self.batches.steps_per_epoch} per epoch), "
                  f"batch {cfg.optim.batch_size} rows "
-                 f"= {cfg.optim.batch_size // per_step} x {cfg.optim.micro_batch_size} x {self.dist.num_processes} "
+                 f"= {cfg.optim.batch_size // per_step} x {cfg.optim.micro_batch_size} x {self.world} "
                  f"process(es), lr {cfg.optim.lr:g} {cfg.optim.schedule}")
 
     # -----------------------------------------------------------------------------------------
     # train
 
     def _on_signal(self, signum, frame) -> None:
+        # only sets the flag: _step_end makes the processes agree on it at the end of the step
         if self.stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without a checkpoint
         self.stop_signal = signum
@@ -259,7 +342,6 @@ class LoraFinetune:
         self._write_final()
 
     def _loop(self, log: MetricsLog | None) -> None:
-        from accelerate.utils import reduce
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         cfg, device = self.cfg, self.device
@@ -277,7 +359,7 @@ class LoraFinetune:
                 micro, next_position = self.batches.next_step(self.position)
                 tokens, targets = count_tokens([r for m in micro for r in m])
                 # the step's denominator, from every micro-batch of every process, before any backward
-                counts = reduce(torch.tensor([tokens, targets], dtype=torch.float64, device=device), "sum")
+                counts = self._sum(torch.tensor([tokens, targets], dtype=torch.float64, device=device))
                 n_targets = max(1.0, float(counts[1]))
                 batches = [collate(m, self.packed, pad_id, device) for m in micro]
                 data_s = time.perf_counter() - t0
@@ -289,10 +371,12 @@ class LoraFinetune:
                         loss = loss * float("nan")
                     (loss / n_targets).backward()
                     loss_sum += loss.detach().double()
-                step_loss = float(reduce(loss_sum, "sum")) / n_targets
+                step_loss = float(self._sum(loss_sum)) / n_targets
+                self.sync_gradients()  # before clipping: every process clips the same, global, norm
                 max_norm = cfg.optim.max_grad_norm or float("inf")
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
                 lr = self.scheduler.get_last_lr()[0]
+                # loss and norm are reduced values, the same in every process: so is this decision
                 if math.isfinite(step_loss) and math.isfinite(grad_norm):
                     self.optimizer.step()
                 elif cfg.optim.on_nonfinite == "stop":
@@ -304,6 +388,10 @@ class LoraFinetune:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scheduler.step()
                 self.step, self.position = self.step + 1, next_position
+                if fault == f"stop@{self.step}" and self.rank == self.world - 1:
+                    # fault injection: the last process alone acts as if SIGTERM had reached it in this step
+                    self.stop_signal = signal.SIGTERM
+                stop, peaks = self._step_end(peak_memory_bytes(device))
                 step_s = time.perf_counter() - t0
 
                 record = {
@@ -313,7 +401,7 @@ class LoraFinetune:
                     "loss": step_loss, "lr": lr, "grad_norm": grad_norm,
                     "tokens": int(counts[0]), "trainable_tokens": int(counts[1]),
                     "tokens_per_s": round(float(counts[0]) / step_s, 2),
-                    "peak_memory_bytes": peak_memory_bytes(device),
+                    "peak_memory_bytes": max(peaks), "peak_memory_bytes_per_rank": peaks,
                     "elapsed_s": round(self.elapsed_before + time.perf_counter() - started, 3),
                     "data_s": round(data_s, 6), "step_s": round(step_s, 6), "skipped_steps": self.skipped,
                 }
@@ -326,39 +414,109 @@ class LoraFinetune:
                              f"  {record['tokens_per_s']:.0f} tok/s")
                 if self.step % cfg.checkpoint.save_every_steps == 0 or self.step == self.total:
                     self.save_checkpoint(record["elapsed_s"])
-                if self.stop_signal is not None:
-                    self._stop_on_signal(record["elapsed_s"])
+                if stop:
+                    self._stop_on_signal(record["elapsed_s"], stop)
+
+    # -----------------------------------------------------------------------------------------
+    # what the processes exchange (nothing, in one process)
+
+    def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def sync_gradients(self) -> None:
+        """Sum the LoRA gradients over the processes, in place.
+
+        A sum, not DDP's mean: every process divided its loss by the labelled-token count of the
+        whole step (all processes), so its gradient is its share of the step's gradient and the
+        shares add up. One all-reduce per bucket of flattened fp32 gradients after the last
+        micro-batch (bf16 adapters are summed in fp32 too); the backward of the next micro-batch
+        never needs them, so there is nothing to gain from DDP's hooks and no_sync here, only
+        its averaging to undo.
+        """
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        for p in self.params:
+            if p.grad is None:  # a process whose share never reached this parameter still adds zeros
+                p.grad = torch.zeros_like(p)
+        bucket: list[torch.Tensor] = []
+        for i, p in enumerate(self.params):
+            bucket.append(p.grad)
+            if sum(g.numel() for g in bucket) >= BUCKET_ELEMENTS or i == len(self.params) - 1:
+                flat = torch.cat([g.reshape(-1).float() for g in bucket])
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                for g, summed in zip(bucket, flat.split([g.numel() for g in bucket]), strict=True):
+                    g.copy_(summed.view_as(g))
+                bucket = []
+
+    def _step_end(self, peak: int) -> tuple[int, list[int]]:
+        """(the signal every process stops on, 0 for none; each process's peak memory). One all-gather
+        per step: a signal may reach one process (or reach them at different moments), yet all must
+        stop after the same step, or the ones still training would wait for the others forever."""
+        mine = [int(self.stop_signal or 0), int(peak)]
+        if self.world == 1:
+            return mine[0], [mine[1]]
+        import torch.distributed as dist
+
+        local = torch.tensor(mine, dtype=torch.int64, device=self.device)
+        gathered = [torch.zeros_like(local) for _ in range(self.world)]
+        dist.all_gather(gathered, local)
+        rows = [t.tolist() for t in gathered]
+        return max(r[0] for r in rows), [r[1] for r in rows]
 
     def _stop_nonfinite(self, loss: float, grad_norm: float) -> None:
         last = complete_checkpoints(self.run_dir)
         kept = f"the last good checkpoint is {last[-1][1]}" if last else "no checkpoint was saved before it"
-        raise QtuluError(f"step {self.step + 1}: non-finite loss {loss} (grad norm {grad_norm}); stopped, {kept}. "
-                         "Lower optim.lr, or set --optim.on_nonfinite skip to drop such updates")
+        raise collective(QtuluError(f"step {self.step + 1}: non-finite loss {loss} (grad norm {grad_norm}); stopped, "
+                                    f"{kept}. Lower optim.lr, or set --optim.on_nonfinite skip to drop such updates"))
 
-    def _stop_on_signal(self, elapsed: float) -> None:
-        if not complete_checkpoints(self.run_dir) or complete_checkpoints(self.run_dir)[-1][0] != self.step:
+    def _stop_on_signal(self, elapsed: float, signum: int) -> None:
+        if self.saved_step != self.step:
             self.save_checkpoint(elapsed)
         args = [a for a in sys.argv[1:] if a not in ("--resume", "--no-resume")]
-        name = signal.Signals(self.stop_signal).name
+        name = signal.Signals(signum).name
+        how = (f"qtulu {shlex.join(args)} --resume" if self.world == 1 else
+               f"the same launch command ({self.world} processes) with --resume added, e.g. torchrun "
+               f"--nproc_per_node {self.world} \"$(which qtulu)\" {shlex.join(args)} --resume")
         err = TrainingInterrupted(f"{name}: stopped after step {self.step} of {self.total}; checkpoint saved in "
-                                  f"{self.run_dir / 'checkpoints'}. Resume with: qtulu {shlex.join(args)} --resume")
-        err.exit_code = 128 + self.stop_signal  # 130 for SIGINT, 143 for SIGTERM
+                                  f"{self.run_dir / 'checkpoints'}. Resume with: {how}")
+        err.exit_code = 128 + signum  # 130 for SIGINT, 143 for SIGTERM
         raise err
 
     # -----------------------------------------------------------------------------------------
     # saving
 
     def save_checkpoint(self, elapsed: float) -> Path | None:
-        if not self.is_main:
-            self.dist.wait_for_everyone()
-            return None
-        state = {
-            "step": self.step, "total_steps": self.total, "position": vars(self.position),
-            "scheduler": self.scheduler.state_dict(), "skipped_steps": self.skipped, "elapsed_s": elapsed,
-        }
-        folder = save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, state, self.config_text,
-                                 "".join(self.metrics_lines), self.cfg.checkpoint.keep_last)
+        """Every process takes part: the main one writes what they share (adapter, optimizer,
+        scheduler, data position, metrics), each writes its own RNG state beside it, and the main one
+        completes the folder only once all of those are in. Returns the folder (main process)."""
+        tmp = start_checkpoint(self.run_dir, self.step) if self.is_main else None
+        if self.world > 1:
+            import torch.distributed as dist
+
+            box = [tmp]
+            dist.broadcast_object_list(box, src=0)  # the temporary folder's name, to every process
+            tmp = box[0]
+        write_rank_rng(tmp, self.rank)
+        self.dist.wait_for_everyone()  # every RNG file is in before the main process completes the folder
+        folder = None
+        if self.is_main:
+            state = {
+                "step": self.step, "total_steps": self.total, "position": vars(self.position),
+                "scheduler": self.scheduler.state_dict(), "skipped_steps": self.skipped, "elapsed_s": elapsed,
+                "world_size": self.world, "strategy": self.cfg.launch.strategy,
+            }
+            folder = finish_checkpoint(tmp, self.run_dir, self.step, self.model, self.optimizer, state,
+                                       self.config_text, "".join(self.metrics_lines), self.cfg.checkpoint.keep_last)
+        # nobody goes on (or exits, on a signal) before the checkpoint is complete: a launcher stops
+        # every process once one exits, and the next save would clean this one's temporary folder
         self.dist.wait_for_everyone()
+        self.saved_step = self.step
         return folder
 
     def _write_final(self) -> None:
