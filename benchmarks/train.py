@@ -6,6 +6,7 @@ micro-batch size, optimizer and learning rate, each in a process of its own:
 
   qtulu      the real command, `qtulu train ... --max-steps N` (packed rows, varlen attention,
              loss from the labelled positions only through the fused cross-entropy)
+  qtulu-lean the same with `--launch.cpu_lean_memory true` (freed activations leave the process)
   reference  the reference way: HF model + peft + bitsandbytes, each batch padded to its longest
              document, SDPA, the model's own loss over the full logits (mean per micro-batch)
   trl        TRL's SFTTrainer with packing (best-fit decreasing) and padding-free batches
@@ -35,7 +36,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = REPO.parent / "shared" / "data" / "sources"
-CONTENDERS = ("qtulu", "reference", "trl")
+CONTENDERS = ("qtulu", "qtulu-lean", "reference", "trl")
+CHILDREN = ("reference", "trl")
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -53,7 +55,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders to run")
     parser.add_argument("--workdir", help="where runs and data go (default: a temporary folder)")
-    parser.add_argument("--child", choices=CONTENDERS[1:], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     return parser.parse_known_args(argv)
 
 
@@ -99,10 +101,11 @@ def main(argv: list[str]) -> int:
 
 def contender_command(name: str, args, extra: list[str], work: Path) -> list[str]:
     qtulu = str(Path(sys.executable).parent / "qtulu")
-    if name == "qtulu":
+    if name.startswith("qtulu"):
+        lean = ["--launch.cpu_lean_memory", "true"] if name == "qtulu-lean" else []
         return [qtulu, "train", "--size", args.size, "--mix", args.mix, *config_flags(args),
-                "--max-steps", str(args.steps), "--output", str(work / "qtulu"),
-                "--data.cache_dir", str(work / "data"), "--no-resume", *extra]
+                "--max-steps", str(args.steps), "--output", str(work / name),
+                "--data.cache_dir", str(work / "data"), "--no-resume", *lean, *extra]
     child = [qtulu, "bench", "train", "--child", name, "--workdir", str(work)]
     passed = ["--size", args.size, "--mix", args.mix, "--max-seq-len", str(args.max_seq_len),
               "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha),
@@ -129,7 +132,7 @@ def run_contender(name: str, args, extra: list[str], work: Path) -> dict:
         result["error"] = f"exit {proc.returncode}: {tail[0][:100]}"
         print(f"[{name}] failed: {result['error']} (log: {log_path})", flush=True)
         return result
-    steps_file = work / "qtulu" / "metrics.jsonl" if name == "qtulu" else work / name / "steps.jsonl"
+    steps_file = work / name / ("metrics.jsonl" if name.startswith("qtulu") else "steps.jsonl")
     result["steps"] = [json.loads(line) for line in steps_file.read_text().splitlines() if line.strip()]
     if len(result["steps"]) != args.steps:
         result["error"] = f"{len(result['steps'])} steps logged, {args.steps} asked for"
@@ -170,8 +173,9 @@ def report(args, extra: list[str], results: dict) -> str:
             speed = s["tokens_per_s"] / ref["tokens_per_s"]
             vs = f"{speed:.2f}x / {result['peak_rss_bytes'] / reference['peak_rss_bytes']:.2f}x"
         device = f"{s['peak_device'] / gb:.2f}" if s["peak_device"] else "-"
+        data = f"{s['data_fraction'] * 100:.2f}%" if name.startswith("qtulu") else "-"
         rows.append([name, f"{s['tokens_per_s']:.1f}", f"{result['peak_rss_bytes'] / gb:.2f}", device, vs,
-                     f"{s['tokens_per_step']:.0f}", f"{s['data_fraction'] * 100:.2f}%" if name == "qtulu" else "-",
+                     f"{s['tokens_per_step']:.0f}", data,
                      f"{s['loss_first']:.3f} -> {s['loss_last']:.3f}"])
     header = ["contender", "real tokens/s", "peak RSS GB", "peak device GB", "vs reference (speed / RSS)",
               "tokens/step", "data loading", "loss first -> last"]

@@ -1,13 +1,14 @@
 """Hand freed tensor memory back to the OS when training on a CPU (glibc only).
 
-glibc serves a large allocation with mmap and returns it with munmap, but each time a large mmapped
-chunk is freed it RAISES its threshold (up to 32 MiB on 64-bit), so after the first few steps the
-activations of a CPU training step (hundreds of 1-30 MiB tensors) come from the heap arenas instead,
-where freed chunks stay in the process and fragment. Measured on `qtulu bench train` (135m, 4 rows
-of 512 tokens per micro-batch): peak resident memory 9.6 GB with glibc's moving threshold and 4.2 GB
-with a fixed 128 KiB one, at the same speed (docs/benchmarks.md). Setting M_MMAP_THRESHOLD with
-mallopt fixes the threshold, as the MALLOC_MMAP_THRESHOLD_ environment variable would, but from
-inside the process, so the user need not know about it.
+Opt-in with `--launch.cpu_lean_memory true`. glibc serves a large allocation with mmap and returns it
+with munmap, but each time a large mmapped chunk is freed it RAISES its threshold (up to 32 MiB on
+64-bit), so after the first few steps the activations of a CPU training step (hundreds of 1-30 MiB
+tensors) come from the heap, where freed chunks stay in the process and fragment. Fixing the
+threshold with mallopt (what the MALLOC_MMAP_THRESHOLD_ environment variable does, but from inside
+the process) sends every such tensor through mmap/munmap: the memory leaves the process when the
+tensor dies, and every new tensor pays page faults for fresh pages. Measured on `qtulu bench train`
+(135m, 4 rows of 512 tokens per micro-batch, 2 cores): peak resident memory 9.2 -> 4.4 GB, speed
+164 -> 100 real tokens/s (docs/benchmarks.md), hence a choice, not the default.
 """
 
 from __future__ import annotations
