@@ -114,11 +114,13 @@ class FakeJudge:
                     action = fake.script.pop(0) if fake.script else "ok"
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
-                try:
-                    fake._serve(self, body, action)
-                finally:
-                    with fake._lock:
-                        fake.in_flight -= 1
+                if fake.delay:
+                    time.sleep(fake.delay)
+                # out of flight BEFORE the reply leaves: a client may send its next request the moment
+                # it has this reply, and must not be counted as a third request in flight
+                with fake._lock:
+                    fake.in_flight -= 1
+                fake._serve(self, body, action)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -127,8 +129,6 @@ class FakeJudge:
         self.thread.start()
 
     def _serve(self, h, body, action):
-        if self.delay:
-            time.sleep(self.delay)
         if action == "slow":
             time.sleep(self.slow_s)
         if action == "429":
