@@ -157,8 +157,11 @@ def test_a_failed_verification_leaves_no_output(run_a, tmp_path, monkeypatch):
 def test_ctrl_c_during_a_real_merge_leaves_no_output(run_a, tmp_path):
     out = tmp_path / "merged"
     env = {**os.environ, "TRITON_INTERPRET": "0"}
+    # A runner started in the background (`make test &`, nohup, some CI agents) has SIGINT ignored, and a
+    # child inherits that, as a shell's Ctrl-C never reaches background jobs: give the merge a terminal's default.
     proc = subprocess.Popen([QTULU, "merge", str(run_a.dir), "--output", str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     # Signal once the weights are written and verification has begun (it loads a second model, seconds
     # even on micro): polling for the partial folder could lose the race to a fast merge on a busy machine.
     seen = []
