@@ -221,24 +221,23 @@ def finish_checkpoint(tmp: Path, run_dir: Path, step: int, model, optimizer, sta
     every process's write_rank_rng); keep only the newest `keep_last`."""
     folder = run_dir / CHECKPOINTS
     target = folder / f"step-{step:08d}"
-    partial = Path(tmp)
     try:
-        missing = [r for r in range(state.get("world_size", 1)) if not (partial / rng_file(r)).is_file()]
+        missing = [r for r in range(state.get("world_size", 1)) if not (tmp / rng_file(r)).is_file()]
         if missing:
             raise QtuluError(f"checkpoint {step}: no RNG state from process(es) {missing}; not completed")
-        model.save_pretrained(partial / "adapter", safe_serialization=True)
+        model.save_pretrained(tmp / "adapter", safe_serialization=True)
         _kill_self_if_asked(step)
-        torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-        (partial / "config.yaml").write_text(config_text)
-        (partial / "metrics.jsonl").write_text(metrics_text)
-        (partial / STATE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the folder complete
-        _fsync_tree(partial)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "config.yaml").write_text(config_text)
+        (tmp / "metrics.jsonl").write_text(metrics_text)
+        (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the folder complete
+        _fsync_tree(tmp)
         if target.exists():  # the same step saved again (a resumed run that ended where it started)
             shutil.rmtree(target)
-        partial.rename(target)
+        tmp.rename(target)
         _fsync_dir(folder)
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     for _, old in complete_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return target

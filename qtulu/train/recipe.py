@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from qtulu.config import RunConfig, dump_config, parse_overrides
+from qtulu.config import RunConfig, combination_errors, dump_config, parse_overrides
 from qtulu.errors import NotBuiltYet, QtuluError
 from qtulu.files import building_dir
 from qtulu.train.batches import Position, StepBatches, collate, count_tokens
@@ -42,7 +42,7 @@ from qtulu.train.checkpoint import (
     write_rank_rng,
     write_text_atomic,
 )
-from qtulu.train.launch import FSDP_NOT_BUILT
+from qtulu.train.launch import FSDP_NOT_BUILT, launcher_world_size
 from qtulu.train.loss import micro_batch_loss
 from qtulu.train.metrics import MetricsLog, peak_memory_bytes, read_metrics
 from qtulu.train.optim import build_optimizer, build_scheduler, total_steps
@@ -178,10 +178,9 @@ class LoraFinetune:
             raise QtuluError(f"launch.num_gpus: {cfg.launch.num_gpus}, but {world} process(es) were launched; start "
                              f"{cfg.launch.num_gpus} processes (torchrun --nproc_per_node {cfg.launch.num_gpus} "
                              "\"$(which qtulu)\" train ...) or drop launch.num_gpus", 2)
-        per_step = cfg.optim.micro_batch_size * world
-        if cfg.optim.batch_size % per_step:
-            raise QtuluError(f"optim.batch_size: {cfg.optim.batch_size} is not a multiple of optim.micro_batch_size "
-                             f"x processes = {per_step}; pick a batch size divisible by it", 2)
+        problems = combination_errors(cfg, launcher_world_size())  # the checks load_config makes
+        if problems:
+            raise QtuluError("; ".join(f"{key}: {msg}" for key, msg in problems), 2)
         if cfg.launch.strategy == "fsdp":
             raise NotBuiltYet(FSDP_NOT_BUILT)
 
