@@ -6,7 +6,7 @@ micro-batch size, optimizer and learning rate, each in a process of its own:
 
   qtulu      the real command, `qtulu train ... --max-steps N` (packed rows, varlen attention,
              loss from the labelled positions only through the fused cross-entropy)
-  qtulu-lean the same with `--launch.cpu_lean_memory true` (freed activations leave the process)
+  qtulu-glibc the same with `--launch.cpu_allocator glibc` (the default preloads mimalloc on a CPU)
   reference  the reference way: HF model + peft + bitsandbytes, each batch padded to its longest
              document, SDPA, the model's own loss over the full logits (mean per micro-batch)
   trl        TRL's SFTTrainer with packing (best-fit decreasing) and padding-free batches
@@ -36,7 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = REPO.parent / "shared" / "data" / "sources"
-CONTENDERS = ("qtulu", "qtulu-lean", "reference", "trl")
+CONTENDERS = ("qtulu", "qtulu-glibc", "reference", "trl")
 CHILDREN = ("reference", "trl")
 
 
@@ -102,10 +102,10 @@ def main(argv: list[str]) -> int:
 def contender_command(name: str, args, extra: list[str], work: Path) -> list[str]:
     qtulu = str(Path(sys.executable).parent / "qtulu")
     if name.startswith("qtulu"):
-        lean = ["--launch.cpu_lean_memory", "true"] if name == "qtulu-lean" else []
+        glibc = ["--launch.cpu_allocator", "glibc"] if name == "qtulu-glibc" else []
         return [qtulu, "train", "--size", args.size, "--mix", args.mix, *config_flags(args),
                 "--max-steps", str(args.steps), "--output", str(work / name),
-                "--data.cache_dir", str(work / "data"), "--no-resume", *lean, *extra]
+                "--data.cache_dir", str(work / "data"), "--no-resume", *glibc, *extra]
     child = [qtulu, "bench", "train", "--child", name, "--workdir", str(work)]
     passed = ["--size", args.size, "--mix", args.mix, "--max-seq-len", str(args.max_seq_len),
               "--lora-r", str(args.lora_r), "--lora-alpha", str(args.lora_alpha),

@@ -16,6 +16,11 @@ from qtulu.config import available_presets, config_keys, dump_config, load_confi
 from qtulu.data.cli import app as data_app
 from qtulu.errors import QtuluError
 from qtulu.eval.cli import eval_app
+from qtulu.model.cpu_memory import no_gpu_visible, reexec_under_mimalloc
+
+# True when this process is the `qtulu` program itself (main()), not a test calling the app: only
+# then may `qtulu train` re-execute the process (to preload its CPU allocator)
+COMMAND_LINE = False
 
 app = typer.Typer(
     name="qtulu",
@@ -111,6 +116,9 @@ def train(
         return
     argv = sys.argv[1:]
     check_launched(cfg, argv[argv.index("train") + 1:] if "train" in argv else argv)
+    if COMMAND_LINE and cfg.launch.cpu_allocator == "mimalloc" and (cfg.launch.device == "cpu" or (
+            cfg.launch.device == "auto" and no_gpu_visible())):
+        reexec_under_mimalloc()  # replaces this process, unless mimalloc is missing (the summary says so)
     from qtulu.train.recipe import TrainingInterrupted, train_run
 
     _quiet_libraries()
@@ -265,6 +273,8 @@ def bench(
 
 
 def main() -> None:
+    global COMMAND_LINE
+    COMMAND_LINE = True
     try:
         app()
     except QtuluError as e:

@@ -167,9 +167,9 @@ class LaunchConfig(Section):
     num_gpus: PosInt = 1
     device: Literal["auto", "cuda", "cpu"] = "auto"
     gpu_memory_gb: PosFloat | None = Field(None, description="memory per GPU for plan; default: detected")
-    cpu_lean_memory: bool = Field(
-        False, description="CPU runs: hand freed activations back to the OS at once (135m: peak RSS 9.2 -> 4.4 GB, "
-        "about 0.6x the speed; docs/benchmarks.md)")
+    cpu_allocator: Literal["mimalloc", "glibc"] = Field(
+        "mimalloc", description="CPU runs: mimalloc (qtulu train re-executes itself with it preloaded; 135m: peak "
+        "RSS ~4 GB instead of ~9.7 GB at the same speed) or glibc's malloc; docs/benchmarks.md")
 
 
 class RunConfig(Section):

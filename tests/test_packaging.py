@@ -74,7 +74,7 @@ def test_makefile_creates_its_own_environment():
 def test_dependencies():
     deps = " ".join(PYPROJECT["project"]["dependencies"])
     for name in ("torch", "triton", "bitsandbytes", "peft", "transformers", "trl", "accelerate", "safetensors",
-                 "pydantic", "typer", "rich", "pyyaml"):
+                 "pydantic", "typer", "rich", "pyyaml", "cmeel-mimalloc"):
         assert name in deps, name
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert {"flash", "vllm", "demo", "dev"} <= set(extras)

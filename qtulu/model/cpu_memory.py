@@ -1,35 +1,81 @@
-"""Hand freed tensor memory back to the OS when training on a CPU (glibc only).
+"""CPU training runs under mimalloc instead of glibc's malloc (Linux, `launch.cpu_allocator`).
 
-Opt-in with `--launch.cpu_lean_memory true`. glibc serves a large allocation with mmap and returns it
-with munmap, but each time a large mmapped chunk is freed it RAISES its threshold (up to 32 MiB on
-64-bit), so after the first few steps the activations of a CPU training step (hundreds of 1-30 MiB
-tensors) come from the heap, where freed chunks stay in the process and fragment. Fixing the
-threshold with mallopt (what the MALLOC_MMAP_THRESHOLD_ environment variable does, but from inside
-the process) sends every such tensor through mmap/munmap: the memory leaves the process when the
-tensor dies, and every new tensor pays page faults for fresh pages. Measured on `qtulu bench train`
-(135m, 4 rows of 512 tokens per micro-batch, 2 cores): peak resident memory 9.2 -> 4.4 GB, speed
-164 -> 100 real tokens/s (docs/benchmarks.md), hence a choice, not the default.
+PyTorch has no caching allocator on the CPU: every activation is a malloc and a free. With glibc,
+each time a large mmapped chunk is freed the mmap threshold RISES (up to 32 MiB on 64-bit), so after
+the first micro-batches the activations (hundreds of 1-30 MiB tensors) come from the heap, where
+freed chunks stay in the process and fragment: `135m` at 4 rows of 512 tokens holds ~2.4 GB of
+saved activations but peaks at ~9.7 GB resident. Fixing the threshold returns the memory but makes
+every new tensor pay page faults (~0.6-0.7x the speed). mimalloc reuses freed pages at once and
+returns what stays free: ~4 GB peak at glibc's speed (docs/benchmarks.md, "Training").
+
+An allocator has to be in place before the process allocates anything, so `qtulu train` started
+from the command line re-executes itself once with mimalloc in LD_PRELOAD (what PyTorch's own CPU
+launcher, torch.backends.xeon.run_cpu, does with jemalloc/tcmalloc). The library comes from the
+`cmeel-mimalloc` wheel, a dependency on Linux; without it the run uses glibc and says so.
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
+import os
 import sys
+from importlib import metadata
+from pathlib import Path
 
-M_MMAP_THRESHOLD = -3  # <malloc.h>
-MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own starting value, kept fixed
+PRELOAD = "LD_PRELOAD"
+# set in the re-executed process: never re-execute twice, whatever happened to LD_PRELOAD
+REEXEC_MARK = "QTULU_ALLOCATOR_REEXEC"
 
 
-def use_fixed_mmap_threshold() -> bool:
-    """Fix glibc's mmap threshold; True when it took effect (False off glibc, e.g. macOS or musl)."""
+def mimalloc_library() -> Path | None:
+    """The shared library of the installed cmeel-mimalloc wheel, or None (not installed, not Linux)."""
     if not sys.platform.startswith("linux"):
-        return False
-    name = ctypes.util.find_library("c")
+        return None
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+        files = metadata.files("cmeel-mimalloc") or []
+    except metadata.PackageNotFoundError:
+        return None
+    for file in files:
+        if file.name.startswith("libmimalloc.so"):
+            path = Path(file.locate()).resolve()
+            if path.is_file():
+                return path
+    return None
+
+
+def mimalloc_loaded() -> bool:
+    """Whether mimalloc is mapped into this process (it then serves every malloc)."""
+    try:
+        return "libmimalloc" in Path("/proc/self/maps").read_text()
+    except OSError:
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) == 1
+
+
+def no_gpu_visible() -> bool:
+    """A cheap guess, before torch is imported, that `launch.device auto` will pick the CPU."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return True
+    return not Path("/dev/nvidiactl").exists()
+
+
+def reexec_under_mimalloc() -> str | None:
+    """Replace this process by the same command with mimalloc preloaded; returns only when it does
+    not, with the reason (None when mimalloc is already there)."""
+    if mimalloc_loaded():
+        return None
+    if os.environ.get(REEXEC_MARK):
+        return "mimalloc was preloaded but did not load"
+    library = mimalloc_library()
+    if library is None:
+        return "mimalloc is not installed (pip install cmeel-mimalloc)"
+    env = dict(os.environ)
+    env[PRELOAD] = ":".join(p for p in [str(library), env.get(PRELOAD, "")] if p)
+    env[REEXEC_MARK] = "1"
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
+    return "exec failed"  # not reached: execve either replaces the process or raises
+
+
+def allocator_note() -> str:
+    """For the start-up summary: which allocator this process runs with."""
+    return "mimalloc" if mimalloc_loaded() else "glibc malloc"

@@ -45,7 +45,7 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 # keys that may change between the sessions of one run (everything else must match to resume)
 MAY_DIFFER = ("checkpoint.save_every_steps", "checkpoint.keep_last", "checkpoint.resume", "logging.", "data.cache_dir",
               # the launch is checked against the checkpoint itself, with a message that says how to resume
-              "launch.num_gpus", "launch.strategy", "launch.cpu_lean_memory")
+              "launch.num_gpus", "launch.strategy", "launch.cpu_allocator")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -98,6 +98,19 @@ def with_overrides(cfg: RunConfig, flags: list[str]) -> RunConfig:
     return RunConfig.model_validate(tree)
 
 
+def cpu_allocator_note(wanted: str) -> str:
+    """Which malloc this process runs with, and why when it is not the configured one."""
+    from qtulu.model.cpu_memory import mimalloc_library, mimalloc_loaded
+
+    if mimalloc_loaded():
+        return "mimalloc"
+    if wanted == "glibc":
+        return "glibc malloc (launch.cpu_allocator glibc)"
+    if mimalloc_library() is None:
+        return "glibc malloc (mimalloc is not installed: pip install cmeel-mimalloc for ~2.5x less peak memory)"
+    return "glibc malloc (mimalloc is preloaded only when `qtulu train` starts from the command line)"
+
+
 def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.checkpoint.output_dir.replace("{name}", cfg.name)).expanduser()
 
@@ -129,7 +142,6 @@ class LoraFinetune:
     # setup
 
     def setup(self) -> None:
-        from qtulu.model.cpu_memory import use_fixed_mmap_threshold
         from qtulu.model.load import pick_device
 
         cfg = self.cfg
@@ -140,10 +152,6 @@ class LoraFinetune:
         except QtuluError as e:
             raise collective(e) from None  # the same checks of the same files in every process
         self.device = pick_device(cfg)
-        if self.device.type == "cpu" and cfg.launch.cpu_lean_memory:
-            # freed activations go back to the OS instead of fragmenting the heap, at the price of a
-            # page fault per fresh allocation: less than half the peak memory, ~0.6x the speed
-            use_fixed_mmap_threshold()
         self._check_memory()
         self.tokenizer = self._main_first(self._load_tokenizer)
         self.dataset = self._prepare_data()
@@ -302,6 +310,8 @@ class LoraFinetune:
                  f"LoRA r{cfg.lora.r} a{cfg.lora.alpha:g} on {','.join(cfg.lora.target_modules)}: "
                  f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.1f}M parameters, attention {cfg.model.attention}, "
                  f"{'fused' if cfg.model.fused_loss else 'full-logit'} loss")
+        if self.device.type == "cpu":
+            self.say(f"  memory  CPU allocator {cpu_allocator_note(cfg.launch.cpu_allocator)}")
         if getattr(self, "plan", None) is not None:
             self.say(f"  memory  plan {self.plan.total / GB:.2f} GiB; {self.budget_where}: {self.budget / GB:.1f} GiB")
         self.say(f"  data    {cfg.data.mix.name}: {len(self.dataset)} rows of <= {self.dataset.max_seq_len} tokens, "

@@ -1,37 +1,47 @@
-"""The CPU training runs hand freed activations back to the OS (qtulu.model.cpu_memory)."""
+"""CPU training runs under mimalloc (qtulu.model.cpu_memory): found, preloaded, never re-executed twice."""
 
+import os
 import subprocess
 import sys
 
 import pytest
 
-PROGRAM = """
-import sys, torch
-from qtulu.model.cpu_memory import use_fixed_mmap_threshold
+from qtulu.model import cpu_memory
 
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1]) * 1024
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="LD_PRELOAD and /proc are Linux's")
 
-if sys.argv[1] == "fixed":
-    assert use_fixed_mmap_threshold()
-x = torch.rand(1 << 20); del x  # a 4 MiB mmapped chunk freed: glibc raises its threshold past 2 MiB
-before = rss()
-tensors = [torch.rand(1 << 19) for _ in range(200)]  # 200 activations of 2 MiB, pages touched
-last = tensors[-1]  # still alive, like the next step's tensors: the heap cannot shrink below it
-del tensors
-print((rss() - before) / 2**20)
+REEXEC = """
+import sys
+from qtulu.model.cpu_memory import mimalloc_loaded, reexec_under_mimalloc
+print("loaded" if mimalloc_loaded() else "not loaded", sys.argv[1:], flush=True)
+print(reexec_under_mimalloc())
 """
 
 
-def held_mib(mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", PROGRAM, mode], capture_output=True, text=True, check=True)
-    return float(out.stdout)
+def run(*args: str, **env: str) -> list[str]:
+    clean = {k: v for k, v in os.environ.items() if k not in (cpu_memory.PRELOAD, cpu_memory.REEXEC_MARK)}
+    out = subprocess.run([sys.executable, "-c", REEXEC, *args], capture_output=True, text=True, timeout=60,
+                         env={**clean, **env}, check=True)
+    return out.stdout.splitlines()
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-def test_freed_activations_leave_the_process():
-    # glibc's moving threshold keeps the 398 MiB of freed tensors in the heap; the fixed one returns them
-    assert held_mib("dynamic") > 300
-    assert held_mib("fixed") < 20
+def test_the_wheel_ships_the_library():
+    library = cpu_memory.mimalloc_library()
+    assert library is not None and library.is_file() and library.name.startswith("libmimalloc.so")
+
+
+def test_reexecutes_once_with_mimalloc_and_the_same_arguments():
+    # first process: not loaded -> execve; the second (same pid, same argv) has it and returns None
+    assert run("--flag", "x y") == ["not loaded ['--flag', 'x y']", "loaded ['--flag', 'x y']", "None"]
+
+
+def test_a_marked_process_without_mimalloc_does_not_loop():
+    # LD_PRELOAD stripped by something between the two execs: say why, keep running on glibc
+    assert run(**{cpu_memory.REEXEC_MARK: "1"}) == ["not loaded []", "mimalloc was preloaded but did not load"]
+
+
+def test_without_the_wheel_the_run_says_how_to_get_it(monkeypatch):
+    monkeypatch.setattr(cpu_memory, "mimalloc_library", lambda: None)
+    monkeypatch.delenv(cpu_memory.REEXEC_MARK, raising=False)
+    assert not cpu_memory.mimalloc_loaded()
+    assert cpu_memory.reexec_under_mimalloc() == "mimalloc is not installed (pip install cmeel-mimalloc)"

@@ -4,6 +4,7 @@ and the kernel do not change the numbers, the NaN guard stops, and run folders a
 import json
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -227,3 +228,32 @@ def test_padded_sdpa_path_trains(trainer, tmp_path):
     result = trainer.run(out, "--max-steps", "2", "--model.attention", "sdpa", "--model.fused_loss", "false")
     assert result.returncode == 0, result.stderr
     assert len(metrics(out)) == 2 and all(torch.isfinite(torch.tensor(losses(out))))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mimalloc is preloaded on Linux")
+def test_cpu_runs_preload_mimalloc_unless_told_not_to(trainer, tmp_path):
+    # the summary line reads /proc/self/maps of the training process itself
+    result = trainer.run(tmp_path / "mimalloc", "--max-steps", "1")
+    assert result.returncode == 0, result.stderr
+    assert "CPU allocator mimalloc\n" in result.stdout
+    result = trainer.run(tmp_path / "glibc", "--max-steps", "1", "--launch.cpu_allocator", "glibc")
+    assert result.returncode == 0, result.stderr
+    assert "CPU allocator glibc malloc (launch.cpu_allocator glibc)" in result.stdout
+    assert "CPU allocator mimalloc" not in result.stdout
+
+
+def test_the_app_called_in_process_never_reexecutes(trainer, tmp_path, monkeypatch):
+    """Only the `qtulu` program re-executes itself; a caller of the typer app (a test, a notebook) keeps its
+    process."""
+    from typer.testing import CliRunner
+
+    import qtulu.cli
+    from qtulu.model import cpu_memory
+
+    calls = []
+    monkeypatch.setattr(qtulu.cli, "reexec_under_mimalloc", lambda: calls.append("reexec"))
+    monkeypatch.setattr("qtulu.train.recipe.train_run", lambda *args, **kwargs: calls.append("train"))
+    result = CliRunner().invoke(qtulu.cli.app, trainer.command(tmp_path / "run", "--max-steps", "1",
+                                                               "--launch.device", "cpu")[1:])
+    assert result.exit_code == 0, result.output
+    assert calls == ["train"] and not cpu_memory.os.environ.get(cpu_memory.REEXEC_MARK)
