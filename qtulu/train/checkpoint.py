@@ -17,9 +17,11 @@ and the next save removes. `state.json` is written last as a second guard.
 Several processes: the main process creates the temporary folder (start_checkpoint), every process
 writes its RNG state into it (write_rank_rng), and once all have (a barrier in the loop) the main
 process writes the shared parts and renames it (finish_checkpoint), which it refuses to do while
-any process's RNG file is missing. The adapter and optimizer are the same in every process (DDP),
-so one copy is kept. A run resumes only with the number of processes that wrote its checkpoint:
-another number would change how each step's rows are split and summed, so not bit for bit the same.
+any process's RNG file is missing. With FSDP every process also writes its optimizer shard
+(optimizer-rank{r}.pt) and the adapter is gathered from the shards first; with DDP (or one process)
+the adapter and optimizer are the same in every process, so one copy is kept. A run resumes only
+with the number of processes that wrote its checkpoint: another number would change how each
+step's rows are split and summed, so not bit for bit the same.
 """
 
 from __future__ import annotations
@@ -207,27 +209,61 @@ def rng_file(rank: int) -> str:
     return f"rng-rank{rank}.pt"
 
 
-def write_rank_rng(tmp: Path, rank: int) -> None:
-    """This process's RNG states into the checkpoint being written (every process)."""
-    path = Path(tmp) / rng_file(rank)
-    torch.save(rng_state(), path)
+def optimizer_file(rank: int | None) -> str:
+    """optimizer.pt (the same in every process), or one shard's file per process (FSDP)."""
+    return "optimizer.pt" if rank is None else f"optimizer-rank{rank}.pt"
+
+
+def _save_fsynced(obj, path: Path) -> None:
+    torch.save(obj, path)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
+def write_rank_rng(tmp: Path, rank: int) -> None:
+    """This process's RNG states into the checkpoint being written (every process)."""
+    _save_fsynced(rng_state(), Path(tmp) / rng_file(rank))
+
+
+def write_rank_optimizer(tmp: Path, optimizer, rank: int) -> None:
+    """This process's optimizer shard into the checkpoint being written (FSDP, every process)."""
+    _save_fsynced(optimizer.state_dict(), Path(tmp) / optimizer_file(rank))
+
+
+def save_adapter(model, folder: Path, gathered: dict[str, torch.Tensor] | None = None) -> None:
+    """The adapter in PEFT's format (adapter_model.safetensors + adapter_config.json). `gathered`: the
+    LoRA tensors gathered from FSDP shards, named as in the unwrapped model; PEFT's own saving
+    matches names against the model's modules, which FSDP has renamed, so they are written here."""
+    if gathered is None:
+        model.save_pretrained(folder, safe_serialization=True)
+        return
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    name = model.active_adapter
+    # PEFT drops the adapter's name from the keys: ...q_proj.lora_A.default.weight -> ...q_proj.lora_A.weight
+    save_file({k.replace(f".{name}.", "."): v.contiguous() for k, v in gathered.items()},
+              folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    model.peft_config[name].save_pretrained(folder)
+
+
 def finish_checkpoint(tmp: Path, run_dir: Path, step: int, model, optimizer, state: dict, config_text: str,
-                      metrics_text: str, keep_last: int) -> Path:
+                      metrics_text: str, keep_last: int, adapter_state: dict | None = None) -> Path:
     """Write the shared parts into `tmp`, then rename it to checkpoint `step` (main process, after
-    every process's write_rank_rng); keep only the newest `keep_last`."""
+    every process's write_rank_rng); keep only the newest `keep_last`. `optimizer` None: every
+    process wrote its shard (FSDP); `adapter_state`: the adapter gathered from the shards."""
     folder = run_dir / CHECKPOINTS
     target = folder / f"step-{step:08d}"
     try:
-        missing = [r for r in range(state.get("world_size", 1)) if not (tmp / rng_file(r)).is_file()]
+        ranks = range(state.get("world_size", 1))
+        missing = [r for r in ranks if not (tmp / rng_file(r)).is_file()
+                   or (optimizer is None and not (tmp / optimizer_file(r)).is_file())]
         if missing:
-            raise QtuluError(f"checkpoint {step}: no RNG state from process(es) {missing}; not completed")
-        model.save_pretrained(tmp / "adapter", safe_serialization=True)
+            raise QtuluError(f"checkpoint {step}: no RNG or optimizer state from process(es) {missing}; not completed")
+        save_adapter(model, tmp / "adapter", adapter_state)
         _kill_self_if_asked(step)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if optimizer is not None:
+            torch.save(optimizer.state_dict(), tmp / optimizer_file(None))
         (tmp / "config.yaml").write_text(config_text)
         (tmp / "metrics.jsonl").write_text(metrics_text)
         (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")  # last: marks the folder complete
@@ -243,23 +279,34 @@ def finish_checkpoint(tmp: Path, run_dir: Path, step: int, model, optimizer, sta
     return target
 
 
-def load_checkpoint(folder: Path, model, optimizer, rank: int = 0) -> dict:
-    """Restore adapter weights, optimizer and process `rank`'s RNG states from `folder`; return its
-    state.json."""
+def _unreadable(folder: Path, rank: int, e: Exception) -> QtuluError:
+    who = f"process {rank}: " if rank else ""
+    return QtuluError(f"{who}{folder}: checkpoint could not be loaded ({type(e).__name__}: {e})".splitlines()[0]
+                      + "; remove it to resume from the one before")
+
+
+def load_adapter(folder: Path, model, rank: int = 0) -> None:
+    """Restore the adapter weights from `folder` (before FSDP shards them: every process loads all)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    adapter = folder / "adapter" / "adapter_model.safetensors"
     try:
-        weights = load_file(adapter, device=str(next(model.parameters()).device))
+        weights = load_file(folder / "adapter" / "adapter_model.safetensors",
+                            device=str(next(model.parameters()).device))
         set_peft_model_state_dict(model, weights)
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    except (OSError, RuntimeError, ValueError, KeyError) as e:
+        raise _unreadable(folder, rank, e) from None
+
+
+def load_checkpoint(folder: Path, optimizer, rank: int = 0, sharded: bool = False) -> dict:
+    """Restore the optimizer (this process's shard when `sharded`) and process `rank`'s RNG states
+    from `folder`; return its state.json. The adapter comes first, with load_adapter."""
+    try:
+        optimizer.load_state_dict(torch.load(folder / optimizer_file(rank if sharded else None), weights_only=True))
         rng = folder / rng_file(rank)
         if not rng.is_file() and rank == 0 and (folder / "rng.pt").is_file():
             rng = folder / "rng.pt"  # written before checkpoints had one RNG file per process
         set_rng_state(torch.load(rng, weights_only=True))
         return json.loads((folder / STATE).read_text())
     except (OSError, RuntimeError, ValueError, KeyError) as e:
-        who = f"process {rank}: " if rank else ""
-        raise QtuluError(f"{who}{folder}: checkpoint could not be loaded ({type(e).__name__}: {e})".splitlines()[0]
-                         + "; remove it to resume from the one before") from None
+        raise _unreadable(folder, rank, e) from None

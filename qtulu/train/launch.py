@@ -12,14 +12,10 @@ from pathlib import Path
 
 from qtulu.config import RunConfig
 from qtulu.configs import CONFIG_DIR
-from qtulu.errors import NotBuiltYet, QtuluError
+from qtulu.errors import QtuluError
 
 # torchrun and accelerate set WORLD_SIZE; mpirun-style launchers their own (accelerate reads the same)
 WORLD_SIZE_VARS = ("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
-FSDP_NOT_BUILT = ("launch.strategy fsdp: qtulu train does not shard the model yet (FSDP-QLoRA needs the decoder "
-                  "wrapped around the 4-bit layers, sharded optimizer checkpoints and an adapter gathered from the "
-                  "shards; none is built); use --launch.strategy ddp, a 4-bit copy of the base per GPU "
-                  "(qtulu plan --gpus N says whether it fits)")
 
 
 def launcher_world_size() -> int | None:
@@ -49,12 +45,10 @@ def check_launched(cfg: RunConfig, train_args: list[str]) -> None:
                          "without --multi_gpu on a machine with no GPU, it runs a single plain process); for several "
                          "processes use accelerate launch --multi_gpu --num_processes N ... (gloo on the CPU), or "
                          "torchrun --nproc_per_node N ...", 2)
-    if cfg.launch.strategy == "fsdp":
-        raise NotBuiltYet(FSDP_NOT_BUILT)  # said before a launch command is suggested for it
     if launcher_world_size() is not None or cfg.launch.strategy == "single":
         return
     args = shlex.join(train_args)
-    config = _shown(CONFIG_DIR / "launch" / "ddp.yaml")
+    config = _shown(CONFIG_DIR / "launch" / ("fsdp_qlora.yaml" if cfg.launch.strategy == "fsdp" else "ddp.yaml"))
     raise QtuluError(f"launch.strategy {cfg.launch.strategy} trains in {n} processes, which a launcher starts; "
                      f'run: accelerate launch --config_file {config} --num_processes {n} "$(which qtulu)" train '
                      f'{args}   or: torchrun --nproc_per_node {n} "$(which qtulu)" train {args}', 2)

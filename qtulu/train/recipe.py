@@ -30,19 +30,23 @@ import torch
 from rich.console import Console
 
 from qtulu.config import RunConfig, combination_errors, dump_config, parse_overrides
-from qtulu.errors import NotBuiltYet, QtuluError
+from qtulu.errors import QtuluError
 from qtulu.files import building_dir
 from qtulu.train.batches import Position, StepBatches, collate, count_tokens
 from qtulu.train.checkpoint import (
     check_run_dir,
     complete_checkpoints,
     finish_checkpoint,
+    load_adapter,
     load_checkpoint,
+    save_adapter,
     start_checkpoint,
+    write_rank_optimizer,
     write_rank_rng,
     write_text_atomic,
 )
-from qtulu.train.launch import FSDP_NOT_BUILT, launcher_world_size
+from qtulu.train.fsdp import accumulating, full_adapter_state
+from qtulu.train.launch import launcher_world_size
 from qtulu.train.loss import micro_batch_loss
 from qtulu.train.metrics import MetricsLog, peak_memory_bytes, read_metrics
 from qtulu.train.optim import build_optimizer, build_scheduler, total_steps
@@ -164,6 +168,15 @@ class LoraFinetune:
         self.model = self._build_model()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self._broadcast_params()
+        if self.resume_from is not None:
+            load_adapter(self.resume_from, self.model, self.rank)  # whole, before any sharding
+        # FSDP's root (the sharded decoder), or None: one process, or DDP's full copy per process
+        self.root = None
+        if cfg.launch.strategy == "fsdp" and self.world > 1:
+            from qtulu.train.fsdp import shard_decoder
+
+            self.root = shard_decoder(self.model, self.device)
+            self.params = [p for p in self.model.parameters() if p.requires_grad]  # this process's shards
         seed_everything(cfg.optim.seed + self.rank)
         self.optimizer, note = build_optimizer(self.params, cfg.optim, self.device)
         if note:
@@ -189,8 +202,6 @@ class LoraFinetune:
         problems = combination_errors(cfg, launcher_world_size())  # the checks load_config makes
         if problems:
             raise QtuluError("; ".join(f"{key}: {msg}" for key, msg in problems), 2)
-        if cfg.launch.strategy == "fsdp":
-            raise NotBuiltYet(FSDP_NOT_BUILT)
 
     def _main_first(self, build):
         """`build()` in the main process first, then in each machine's first process, then in the rest:
@@ -288,7 +299,7 @@ class LoraFinetune:
         write_text_atomic(self.run_dir / "metrics.jsonl", "")
 
     def _restore(self, folder: Path) -> None:
-        state = load_checkpoint(folder, self.model, self.optimizer, self.rank)
+        state = load_checkpoint(folder, self.optimizer, self.rank, sharded=self.root is not None)
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.skipped, self.elapsed_before = state["step"], state["skipped_steps"], state["elapsed_s"]
         self.saved_step = self.step
@@ -374,16 +385,20 @@ class LoraFinetune:
                 data_s = time.perf_counter() - t0
 
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                for batch in batches:
-                    loss = micro_batch_loss(self.model, batch, cfg.model.fused_loss)
-                    if fault == f"nan-loss@{self.step + 1}":  # fault injection for the NaN-guard test
-                        loss = loss * float("nan")
-                    (loss / n_targets).backward()
+                # FSDP divides the gradients it reduces by the number of processes: undo it, for a sum
+                scale = self.world if self.root is not None else 1
+                for i, batch in enumerate(batches):
+                    with accumulating(self.root, last=i == len(batches) - 1):
+                        loss = micro_batch_loss(self.model, batch, cfg.model.fused_loss)
+                        if fault == f"nan-loss@{self.step + 1}":  # fault injection for the NaN-guard test
+                            loss = loss * float("nan")
+                        (loss * scale / n_targets).backward()
                     loss_sum += loss.detach().double()
                 step_loss = float(self._sum(loss_sum)) / n_targets
                 self.sync_gradients()  # before clipping: every process clips the same, global, norm
                 max_norm = cfg.optim.max_grad_norm or float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm) if self.root is None
+                                  else self.root.clip_grad_norm_(max_norm))  # the norm of all shards
                 lr = self.scheduler.get_last_lr()[0]
                 # loss and norm are reduced values, the same in every process: so is this decision
                 if math.isfinite(step_loss) and math.isfinite(grad_norm):
@@ -446,8 +461,8 @@ class LoraFinetune:
         never needs them, so there is nothing to gain from DDP's hooks and no_sync here, only
         its averaging to undo.
         """
-        if self.world == 1:
-            return
+        if self.world == 1 or self.root is not None:
+            return  # FSDP reduce-scattered them in the backward
         import torch.distributed as dist
 
         for p in self.params:
@@ -512,6 +527,10 @@ class LoraFinetune:
             dist.broadcast_object_list(box, src=0)  # the temporary folder's name, to every process
             tmp = box[0]
         write_rank_rng(tmp, self.rank)
+        adapter_state = None
+        if self.root is not None:
+            write_rank_optimizer(tmp, self.optimizer, self.rank)
+            adapter_state = full_adapter_state(self.model, self.root)  # every process takes part
         self.dist.wait_for_everyone()  # every RNG file is in before the main process completes the folder
         folder = None
         if self.is_main:
@@ -520,8 +539,9 @@ class LoraFinetune:
                 "scheduler": self.scheduler.state_dict(), "skipped_steps": self.skipped, "elapsed_s": elapsed,
                 "world_size": self.world, "strategy": self.cfg.launch.strategy,
             }
-            folder = finish_checkpoint(tmp, self.run_dir, self.step, self.model, self.optimizer, state,
-                                       self.config_text, "".join(self.metrics_lines), self.cfg.checkpoint.keep_last)
+            folder = finish_checkpoint(tmp, self.run_dir, self.step, self.model,
+                                       self.optimizer if self.root is None else None, state, self.config_text,
+                                       "".join(self.metrics_lines), self.cfg.checkpoint.keep_last, adapter_state)
         # nobody goes on (or exits, on a signal) before the checkpoint is complete: a launcher stops
         # every process once one exits, and the next save would clean this one's temporary folder
         self.dist.wait_for_everyone()
@@ -530,10 +550,11 @@ class LoraFinetune:
 
     def _write_final(self) -> None:
         """The run's adapter (PEFT format) and a one-line summary naming the next command."""
+        adapter_state = full_adapter_state(self.model, self.root) if self.root is not None else None
         if not self.is_main:
             return
         with building_dir(self.run_dir / "adapter", replace=True) as tmp:
-            self.model.save_pretrained(tmp, safe_serialization=True)
+            save_adapter(self.model, tmp, adapter_state)
         metrics = read_metrics(self.run_dir / "metrics.jsonl")
         last = f", final loss {metrics[-1]['loss']:.4f}" if metrics else ""
         self.say(f"done: {self.step} steps{last}; adapter in {self.run_dir / 'adapter'}. "

@@ -166,12 +166,43 @@ def test_accelerate_cpu_flag_starting_one_process_is_refused(trainer, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_fsdp_says_what_is_not_supported(trainer, tmp_path):
+@pytest.fixture(scope="module")
+def two_fsdp(trainer, tmp_path_factory) -> Path:
+    """FSDP-QLoRA in 2 processes: the 4-bit weights stored as fp32 (the CPU's compute dtype) so FSDP shards them."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    ok(launch(trainer, torchrun(), out, *FSDP_FLAGS))
+    return out
+
+
+FSDP_FLAGS = ("--max-steps", STEPS, "--launch.strategy", "fsdp", "--quant.quant_storage", "fp32")
+
+
+def test_fsdp_with_two_processes_equals_one(two_fsdp, one_process):
+    assert_same_training(two_fsdp, one_process)
+    assert "strategy: fsdp" in (two_fsdp / "config.yaml").read_text()
+    [checkpoint] = (two_fsdp / "checkpoints").iterdir()
+    names = {p.name for p in checkpoint.iterdir()}
+    # each process's optimizer shard; the adapter gathered whole, in the same PEFT format as one process's
+    assert {"optimizer-rank0.pt", "optimizer-rank1.pt", "rng-rank0.pt", "rng-rank1.pt"} <= names
+    assert "optimizer.pt" not in names
+    assert_adapters_close(load_file(checkpoint / "adapter" / "adapter_model.safetensors"), adapter(two_fsdp), rtol=0)
+
+
+def test_fsdp_stop_then_resume_is_exact(trainer, two_fsdp, tmp_path):
+    out = tmp_path / "run"
+    stopped = launch(trainer, torchrun(), out, *FSDP_FLAGS, QTULU_FAULT="stop@3")
+    assert stopped.returncode != 0 and "SIGTERM: stopped after step 3 of 8" in stopped.stderr
+    ok(launch(trainer, torchrun(), out, *FSDP_FLAGS, "--resume"))
+    assert losses(out) == losses(two_fsdp)  # exactly: each process's optimizer shard came back
+    assert_adapters_close(adapter(out), adapter(two_fsdp), rtol=0)
+
+
+def test_fsdp_outside_a_launcher_says_which_command_to_run(trainer, tmp_path):
     result = trainer.run(tmp_path / "run", "--launch.strategy", "fsdp", "--launch.num_gpus", "2",
                          "--quant.quant_storage", "fp32")
-    assert result.returncode == 3
+    assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
-    assert "launch.strategy fsdp" in line and "--launch.strategy ddp" in line
+    assert 'launch/fsdp_qlora.yaml --num_processes 2 "$(which qtulu)" train' in line
 
 
 # ---------------------------------------------------------------------------------------------
