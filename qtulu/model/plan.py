@@ -181,11 +181,16 @@ def estimate(cfg: RunConfig, device: str = "cuda") -> MemoryPlan:
     largest = max(d_in * d_out for d_in, d_out in shapes.values())
     workspace = (largest * a if quant.load_in_4bit else 0) + tokens * a * (2 * h + 2 * arch.intermediate_size)
 
-    weights_4bit //= shard
-    weights_other //= shard
+    if shard > 1:
+        # qtulu.train.fsdp shards the decoder's parameters: the packed 4-bit weights (not their
+        # quantisation constants, kept whole on each GPU), the norms and LoRA. The input embedding
+        # (and an untied lm_head) stays whole; each layer's weights are gathered while it computes.
+        # tests/train/test_multiprocess.py checks the shard a process holds against these numbers.
+        packed = linear_params // 2 if quant.load_in_4bit else weights_4bit
+        weights_4bit += packed // shard - packed
+        weights_other = embeddings * a + ((2 * layers + 1) * h * a) // shard + rope_buffers
+        workspace += packed // layers
     lora_params, lora_grads, optimizer = lora_params // shard, lora_grads // shard, optimizer // shard
-    if shard > 1:  # FSDP gathers one layer's full weights while computing it
-        workspace += weights_4bit * shard // layers
     plan = MemoryPlan(weights_4bit, weights_other, lora_params, optimizer, activations, recompute, loss,
                       lora_grads, workspace, 0, 0, lora_count, tokens)
     if optim.optimizer == "adamw":  # bitsandbytes' optimizers update in one fused kernel instead

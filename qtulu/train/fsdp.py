@@ -52,6 +52,11 @@ def shard_decoder(model, device: torch.device):
     return base.model
 
 
+def param_bytes(module) -> int:
+    """Bytes of a module's parameters as this process holds them (after sharding: its shards)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 def accumulating(root, last: bool):
     """No gradient reduce-scatter before the step's last micro-batch."""
     return contextlib.nullcontext() if root is None or last else root.no_sync()

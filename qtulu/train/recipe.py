@@ -47,7 +47,7 @@ from qtulu.train.checkpoint import (
 )
 from qtulu.train.fsdp import accumulating, full_adapter_state
 from qtulu.train.launch import launcher_world_size
-from qtulu.train.loss import micro_batch_loss
+from qtulu.train.loss import decoder_and_head, micro_batch_loss
 from qtulu.train.metrics import MetricsLog, peak_memory_bytes, read_metrics
 from qtulu.train.optim import build_optimizer, build_scheduler, total_steps
 
@@ -167,15 +167,20 @@ class LoraFinetune:
         seed_everything(cfg.optim.seed)
         self.model = self._build_model()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.param_counts = self.model.get_nb_trainable_parameters()  # whole, before any sharding
         self._broadcast_params()
         if self.resume_from is not None:
             load_adapter(self.resume_from, self.model, self.rank)  # whole, before any sharding
         # FSDP's root (the sharded decoder), or None: one process, or DDP's full copy per process
         self.root = None
         if cfg.launch.strategy == "fsdp" and self.world > 1:
-            from qtulu.train.fsdp import shard_decoder
+            from qtulu.train.fsdp import param_bytes, shard_decoder
 
+            decoder = decoder_and_head(self.model)[0]
+            whole = param_bytes(decoder)
             self.root = shard_decoder(self.model, self.device)
+            embedding = param_bytes(decoder.get_input_embeddings())
+            self.shards = (param_bytes(self.root) - embedding, whole - embedding, embedding)
             self.params = [p for p in self.model.parameters() if p.requires_grad]  # this process's shards
         seed_everything(cfg.optim.seed + self.rank)
         self.optimizer, note = build_optimizer(self.params, cfg.optim, self.device)
@@ -312,7 +317,7 @@ class LoraFinetune:
 
     def _summary(self) -> None:
         cfg, stats = self.cfg, self.dataset.manifest["stats"]
-        trainable, total = self.model.get_nb_trainable_parameters()
+        trainable, total = self.param_counts
         start = f"resuming from step {self.step}" if self.resume_from is not None else "fresh start"
         per_step = cfg.optim.micro_batch_size * self.world
         self.say(f"qtulu train: run {cfg.name} -> {self.run_dir} ({start})")
@@ -323,6 +328,11 @@ class LoraFinetune:
                  f"{'fused' if cfg.model.fused_loss else 'full-logit'} loss")
         if self.device.type == "cpu":
             self.say(f"  memory  CPU allocator {cpu_allocator_note(cfg.launch.cpu_allocator)}")
+        if self.root is not None:
+            held, whole, embedding = self.shards
+            self.say(f"  shards  process {self.rank} holds {held / 2**20:.4g} MiB of the decoder's {whole / 2**20:.4g} "
+                     f"MiB of parameters (4-bit layers, norms, LoRA); the input embedding whole "
+                     f"({embedding / 2**20:.4g} MiB)")
         if getattr(self, "plan", None) is not None:
             self.say(f"  memory  plan {self.plan.total / GB:.2f} GiB; {self.budget_where}: {self.budget / GB:.1f} GiB")
         self.say(f"  data    {cfg.data.mix.name}: {len(self.dataset)} rows of <= {self.dataset.max_seq_len} tokens, "

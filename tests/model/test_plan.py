@@ -144,7 +144,9 @@ def test_fsdp_shards_weights_and_ddp_does_not():
     fsdp = estimate(load_config(size="65b", mix="human", overrides=[
         "--launch.strategy", "fsdp", "--launch.num_gpus", "2", "--quant.quant_storage", "bf16"]))
     assert ddp.weights_4bit == single.weights_4bit and ddp.total > single.total
-    assert fsdp.weights_4bit == single.weights_4bit // 2
+    # the packed 4-bit weights are halved, their quantisation constants and the embedding are not
+    assert single.weights_4bit // 2 < fsdp.weights_4bit < single.weights_4bit * 0.6
+    assert fsdp.weights_other > single.weights_other * 0.95
     assert fsdp.total < single.total
     assert fsdp.total > single.total / 2  # activations are not sharded
     assert single.total / GB < 80

@@ -6,6 +6,7 @@ torch, transformers and peft, which costs more than its training on 2 cores.
 """
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -170,7 +171,9 @@ def test_accelerate_cpu_flag_starting_one_process_is_refused(trainer, tmp_path):
 def two_fsdp(trainer, tmp_path_factory) -> Path:
     """FSDP-QLoRA in 2 processes: the 4-bit weights stored as fp32 (the CPU's compute dtype) so FSDP shards them."""
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    ok(launch(trainer, torchrun(), out, *FSDP_FLAGS))
+    result = launch(trainer, torchrun(), out, *FSDP_FLAGS)
+    ok(result)
+    (out / "stdout.txt").write_text(result.stdout)
     return out
 
 
@@ -186,6 +189,21 @@ def test_fsdp_with_two_processes_equals_one(two_fsdp, one_process):
     assert {"optimizer-rank0.pt", "optimizer-rank1.pt", "rng-rank0.pt", "rng-rank1.pt"} <= names
     assert "optimizer.pt" not in names
     assert_adapters_close(load_file(checkpoint / "adapter" / "adapter_model.safetensors"), adapter(two_fsdp), rtol=0)
+
+
+def test_fsdp_shard_sizes_are_what_qtulu_plan_counts(two_fsdp):
+    from qtulu.model.plan import estimate
+
+    # "process 0 holds X MiB of the decoder's Y MiB of parameters": the 4-bit layers, norms and LoRA
+    held = float(re.search(r"process 0 holds ([0-9.]+) MiB", (two_fsdp / "stdout.txt").read_text()).group(1))
+    cfg = load_config(size="micro", mix="sample", overrides=["--launch.strategy", "fsdp", "--launch.num_gpus", "2",
+                                                             "--quant.quant_storage", "fp32"])
+    fsdp, single, arch = estimate(cfg, "cpu"), estimate(load_config(size="micro", mix="sample"), "cpu"), cfg.model.arch
+    # the plan keeps the quantisation constants whole: what it shards of the 4-bit weights is the difference
+    packed_shard = single.weights_4bit - fsdp.weights_4bit
+    norms_shard = (2 * arch.num_layers + 1) * arch.hidden_size * 4 / 2
+    planned = packed_shard + fsdp.lora_params + norms_shard
+    assert held * 2**20 == pytest.approx(planned, rel=0.01)
 
 
 def test_fsdp_stop_then_resume_is_exact(trainer, two_fsdp, tmp_path):
