@@ -7,6 +7,7 @@ Every command turns a QtuluError into one line on stderr and a non-zero exit cod
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -18,9 +19,12 @@ from qtulu.errors import QtuluError
 from qtulu.eval.cli import eval_app
 from qtulu.model.cpu_memory import no_gpu_visible, reexec_under_mimalloc
 
-# True when this process is the `qtulu` program itself (main()), not a test calling the app: only
-# then may `qtulu train` re-execute the process (to preload its CPU allocator)
-COMMAND_LINE = False
+
+def started_as_qtulu() -> bool:
+    """Whether this process is the `qtulu` program (its script, or python -m qtulu.cli), not a test or a
+    notebook calling the app: only then may `qtulu train` re-execute it (to preload its CPU allocator)."""
+    program = Path(sys.argv[0] if sys.argv else "")
+    return program.name == "qtulu" or program.match("qtulu/cli.py")
 
 app = typer.Typer(
     name="qtulu",
@@ -116,7 +120,7 @@ def train(
         return
     argv = sys.argv[1:]
     check_launched(cfg, argv[argv.index("train") + 1:] if "train" in argv else argv)
-    if COMMAND_LINE and cfg.launch.cpu_allocator == "mimalloc" and (cfg.launch.device == "cpu" or (
+    if started_as_qtulu() and cfg.launch.cpu_allocator == "mimalloc" and (cfg.launch.device == "cpu" or (
             cfg.launch.device == "auto" and no_gpu_visible())):
         reexec_under_mimalloc()  # replaces this process, unless mimalloc is missing (the summary says so)
     from qtulu.train.recipe import TrainingInterrupted, train_run
@@ -273,8 +277,6 @@ def bench(
 
 
 def main() -> None:
-    global COMMAND_LINE
-    COMMAND_LINE = True
     try:
         app()
     except QtuluError as e:
