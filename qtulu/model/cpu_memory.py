@@ -76,6 +76,12 @@ def reexec_under_mimalloc() -> str | None:
     return "exec failed"  # not reached: execve either replaces the process or raises
 
 
-def allocator_note() -> str:
-    """For the start-up summary: which allocator this process runs with."""
-    return "mimalloc" if mimalloc_loaded() else "glibc malloc"
+def allocator_note(wanted: str) -> str:
+    """For the start-up summary: which malloc this process runs with, and why when it is not `wanted`."""
+    if mimalloc_loaded():
+        return "mimalloc"
+    if wanted == "glibc":
+        return "glibc malloc (launch.cpu_allocator glibc)"
+    if mimalloc_library() is None:
+        return "glibc malloc (mimalloc is not installed: pip install cmeel-mimalloc for ~2.5x less peak memory)"
+    return "glibc malloc (mimalloc is preloaded only when `qtulu train` starts from the command line)"

@@ -102,19 +102,6 @@ def with_overrides(cfg: RunConfig, flags: list[str]) -> RunConfig:
     return RunConfig.model_validate(tree)
 
 
-def cpu_allocator_note(wanted: str) -> str:
-    """Which malloc this process runs with, and why when it is not the configured one."""
-    from qtulu.model.cpu_memory import mimalloc_library, mimalloc_loaded
-
-    if mimalloc_loaded():
-        return "mimalloc"
-    if wanted == "glibc":
-        return "glibc malloc (launch.cpu_allocator glibc)"
-    if mimalloc_library() is None:
-        return "glibc malloc (mimalloc is not installed: pip install cmeel-mimalloc for ~2.5x less peak memory)"
-    return "glibc malloc (mimalloc is preloaded only when `qtulu train` starts from the command line)"
-
-
 def run_dir_of(cfg: RunConfig) -> Path:
     return Path(cfg.checkpoint.output_dir.replace("{name}", cfg.name)).expanduser()
 
@@ -327,7 +314,9 @@ class LoraFinetune:
                  f"{trainable / 1e6:.2f}M trainable of {total / 1e6:.1f}M parameters, attention {cfg.model.attention}, "
                  f"{'fused' if cfg.model.fused_loss else 'full-logit'} loss")
         if self.device.type == "cpu":
-            self.say(f"  memory  CPU allocator {cpu_allocator_note(cfg.launch.cpu_allocator)}")
+            from qtulu.model.cpu_memory import allocator_note
+
+            self.say(f"  memory  CPU allocator {allocator_note(cfg.launch.cpu_allocator)}")
         if self.root is not None:
             held, whole, embedding = self.shards
             self.say(f"  shards  process {self.rank} holds {held / 2**20:.4g} MiB of the decoder's {whole / 2**20:.4g} "
