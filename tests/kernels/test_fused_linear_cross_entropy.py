@@ -219,8 +219,10 @@ def test_bad_inputs_are_refused():
         fused_linear_cross_entropy(hidden, weight[:, :4], torch.tensor([1, 2, 3, 4]))
 
 
-def test_default_chunk_is_about_the_size_of_the_hidden_states():
+def test_default_chunk_is_about_the_size_of_the_hidden_states_and_not_tiny():
     # LLaMA: 8192 labelled rows, hidden 4096, vocab 32000 -> 8 chunks of 1024 rows
     assert default_chunk_rows(8192, 4096, 32000) == 1024
     assert default_chunk_rows(0, 4096, 32000) == 1
-    assert default_chunk_rows(5, 64, 1000) == 1
+    # but never so few rows that the matmuls crawl: 135m (hidden 576, vocab 49152) would get 32
+    assert default_chunk_rows(1742, 576, 49152) == 512
+    assert default_chunk_rows(5, 64, 1000) == 8  # fewer rows than that: all in one chunk

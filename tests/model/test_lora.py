@@ -1,0 +1,86 @@
+"""The lean LoRA forward (qtulu.model.lora) computes what PEFT's forward computes: output and every
+gradient, on a 4-bit base as training runs it; PEFT's own path wherever the lean one does not apply."""
+
+import types
+
+import pytest
+import torch
+
+from qtulu.model.lora import lean_lora_forward, use_lean_lora
+
+
+def four_bit_lora(dropout: float, seed: int):
+    """A PEFT LoRA layer (r 8, alpha 16) on a bitsandbytes NF4 base of fresh random weights."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up_proj = bnb.nn.Linear4bit(48, 80, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+            self.up_proj.weight = bnb.nn.Params4bit(torch.randn(80, 48) / 7, requires_grad=False, quant_type="nf4")
+
+        def forward(self, x):
+            return self.up_proj(x)
+
+    # .to() quantizes the weights, as loading a model does
+    model = get_peft_model(Block().to("cpu"), LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout,
+                                                         target_modules=["up_proj"]))
+    layer = model.base_model.model.up_proj
+    torch.nn.init.normal_(layer.lora_B.default.weight)  # PEFT starts B at zero: the product would vanish
+    return model, layer
+
+
+def output_and_grads(layer, x, upstream, seed):
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the same dropout mask for both forwards
+    out = layer(x)
+    out.backward(upstream)
+    a, b = layer.lora_A.default.weight, layer.lora_B.default.weight
+    grads = out.detach(), x.grad, a.grad.clone(), b.grad.clone()
+    a.grad = b.grad = None
+    return grads
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_lean_forward_equals_peft_output_and_gradients(dropout):
+    model, layer = four_bit_lora(dropout, seed=11)
+    x, upstream = torch.randn(3, 17, 48), torch.randn(3, 17, 80)
+    peft_result = output_and_grads(layer, x, upstream, seed=5)
+    assert use_lean_lora(model) == 1
+    assert "forward" in layer.__dict__  # the lean forward is really the one called
+    lean_result = output_and_grads(layer, x, upstream, seed=5)
+    for name, want, got in zip(("output", "grad x", "grad A", "grad B"), peft_result, lean_result, strict=True):
+        err = ((got - want).norm() / want.norm()).item()
+        assert err < 1e-6, f"{name}: relative error {err:.2e} (fp32)"
+
+
+def test_where_the_lean_path_does_not_apply_peft_forward_runs():
+    model, layer = four_bit_lora(0.0, seed=3)
+    x = torch.randn(2, 5, 48)
+
+    def both(call):
+        """call() under PEFT's forward, then under the lean one"""
+        layer.__dict__.pop("forward", None)
+        want = call()
+        use_lean_lora(model)
+        return want, call()
+
+    with torch.no_grad():
+        for want, got in (
+            both(lambda: layer(x)),  # the lean path itself: close, not bit-equal (one addmm)
+            both(lambda: layer(x.double())),  # another dtype than the adapter's: PEFT casts
+        ):
+            assert torch.allclose(want, got, rtol=1e-5, atol=1e-6)
+        with model.disable_adapter():
+            want, got = both(lambda: layer(x))
+        assert torch.equal(want, got) and torch.equal(got, layer.base_layer(x))
+
+
+def test_bound_forward_is_the_lean_one():
+    model, layer = four_bit_lora(0.0, seed=1)
+    use_lean_lora(model)
+    assert layer.forward.__func__ is lean_lora_forward
+    assert isinstance(layer.forward, types.MethodType)
