@@ -18,6 +18,7 @@ compiles and tunes, allocators grow). Peak memory is the whole process's peak re
 the kernel, when the process ends) and, on a GPU, the peak allocated by torch.
 
     qtulu bench train        # the CPU comparison: 135m, sharegpt:48 at 512, r64 a16 d0, 8 rows/step, 6 steps
+    qtulu bench train --only qtulu,reference --rounds 2   # twice each, in alternating order (a drifting VM)
     qtulu bench train --size 7b --mix human+gpt:2000 --max-seq-len 2048 --steps 10 --model.init random
         # on a GPU: random-init LLaMA-7B; arguments qtulu does not know here are config overrides
 """
@@ -54,6 +55,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--batch-size", type=int, default=8, help="rows per optimizer step")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders to run")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every contender this many times, in reversed order every other round (on a "
+                             "shared machine whose speed drifts, so that no contender always runs in one slot)")
     parser.add_argument("--workdir", help="where runs and data go (default: a temporary folder)")
     parser.add_argument("--child", choices=CHILDREN, help=argparse.SUPPRESS)
     return parser.parse_known_args(argv)
@@ -90,10 +94,19 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"qtulu bench train: --only {','.join(unknown)}: choose from {', '.join(CONTENDERS)}", file=sys.stderr)
         return 2
+    if args.rounds < 1:
+        print(f"qtulu bench train: --rounds {args.rounds}: at least 1", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory(prefix="qtulu-bench-train-") as tmp:
         work = Path(args.workdir or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        results = {name: run_contender(name, args, extra, work) for name in chosen}
+        rounds = []
+        for k in range(args.rounds):
+            where = work if args.rounds == 1 else work / f"round{k + 1}"
+            where.mkdir(parents=True, exist_ok=True)
+            order = chosen if k % 2 == 0 else chosen[::-1]
+            rounds.append({name: run_contender(name, args, extra, where) for name in order})
+        results = {name: combine_rounds([r[name] for r in rounds]) for name in chosen}
     print()
     print(report(args, extra, results))
     return 0 if all(r.get("error") is None for r in results.values()) else 1
@@ -140,6 +153,19 @@ def run_contender(name: str, args, extra: list[str], work: Path) -> dict:
     return result
 
 
+def combine_rounds(runs: list[dict]) -> dict:
+    """One contender's rounds as one result: the steady-state steps of every round (the first step of
+    each is its warm-up), the highest peak RSS, and each round's tokens/s to show the spread."""
+    failed = [r for r in runs if r.get("error")]
+    if failed:
+        return failed[0]
+    if len(runs) == 1:
+        return runs[0]
+    steps = [runs[0]["steps"][0]] + [s for r in runs for s in r["steps"][1:]]
+    return {"steps": steps, "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs), "error": None,
+            "per_round": [summarize(r["steps"])["tokens_per_s"] for r in runs]}
+
+
 def summarize(steps: list[dict]) -> dict:
     """Steady state: every step after the first. qtulu's metrics call the step time step_s; the
     children write the same fields."""
@@ -174,7 +200,10 @@ def report(args, extra: list[str], results: dict) -> str:
             vs = f"{speed:.2f}x / {result['peak_rss_bytes'] / reference['peak_rss_bytes']:.2f}x"
         device = f"{s['peak_device'] / gb:.2f}" if s["peak_device"] else "-"
         data = f"{s['data_fraction'] * 100:.2f}%" if name.startswith("qtulu") else "-"
-        rows.append([name, f"{s['tokens_per_s']:.1f}", f"{result['peak_rss_bytes'] / gb:.2f}", device, vs,
+        speed = f"{s['tokens_per_s']:.1f}"
+        if result.get("per_round"):
+            speed += f" ({', '.join(f'{v:.0f}' for v in result['per_round'])})"
+        rows.append([name, speed, f"{result['peak_rss_bytes'] / gb:.2f}", device, vs,
                      f"{s['tokens_per_step']:.0f}", data,
                      f"{s['loss_first']:.3f} -> {s['loss_last']:.3f}"])
     header = ["contender", "real tokens/s", "peak RSS GB", "peak device GB", "vs reference (speed / RSS)",
@@ -185,7 +214,10 @@ def report(args, extra: list[str], results: dict) -> str:
              else f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     setup = (f"{args.size}, mix {args.mix} at {args.max_seq_len} tokens, LoRA r{args.lora_r} alpha {args.lora_alpha:g} "
              f"dropout {args.lora_dropout:g}, {args.batch_size} rows per step, {args.steps} steps "
-             f"(tokens/s over steps 2-{args.steps}){' ' + ' '.join(extra) if extra else ''}")
+             f"(tokens/s over steps 2-{args.steps}"
+             + (f" of each of {args.rounds} rounds, alternating the order; per round in brackets"
+                if args.rounds > 1 else "")
+             + f"){' ' + ' '.join(extra) if extra else ''}")
     return (f"{where}; torch {torch.__version__}; {time.strftime('%Y-%m-%d')}\n{setup}\n\n"
             + markdown_table(header, rows))
 

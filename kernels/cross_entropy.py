@@ -6,7 +6,8 @@ chunk (cuBLAS), then one kernel pass per row computes log-sum-exp and the row's 
 overwrites the logits with the gradient softmax - onehot, then grad_hidden = grad @ weight and
 grad_weight += grad.T @ hidden. The gradients are thus computed in the forward pass (the loss is
 a scalar, so backward only scales them), and the largest buffer is one chunk of logits, sized like
-the hidden states of all tokens (vocab/hidden chunks, as Liger-Kernel does). Without gradients
+the hidden states of all tokens (vocab/hidden chunks, as Liger-Kernel does), but of at least 512
+rows: a small model's large vocabulary would otherwise give chunks too thin for fast matmuls. Without gradients
 (torch.no_grad, or nothing requiring grad) the kernel computes the loss only and writes nothing.
 One host sync per call (the labelled-row count, with the label range check). Under autocast the
 matmuls run in autocast's dtype whatever the inputs' dtypes, as F.linear would; each gradient is

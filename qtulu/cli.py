@@ -105,10 +105,12 @@ def train(
         extra += ["--checkpoint.output_dir", output]
     if max_steps is not None:
         extra += ["--optim.max_steps", str(max_steps)]
-    from qtulu.train.launch import check_launched, launcher_world_size
+    from qtulu.train.launch import check_launched, launcher_strategy, launcher_world_size
 
-    # under torchrun / accelerate launch the number of processes is the launcher's (launch.num_gpus follows it)
+    # under torchrun / accelerate launch the number of processes is the launcher's (launch.num_gpus follows
+    # it), and so is the strategy when none is named (accelerate's FSDP config: fsdp)
     cfg = load_config(size=size, mix=mix, config_file=config, overrides=extra, world_size=launcher_world_size(),
+                      launcher_strategy=launcher_strategy(),
                       cli_options=("size", "mix", "config", "output", "max-steps", "resume", "force", "dry-run"))
     if resume is None and cfg.checkpoint.resume == "never":
         resume = False

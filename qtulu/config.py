@@ -219,23 +219,27 @@ def combination_errors(cfg: RunConfig, world_size: int | None = None) -> list[tu
     return errors
 
 
-def resolve_launch(cfg: RunConfig, given: set[str], world_size: int | None) -> list[tuple[str, str]]:
+def resolve_launch(cfg: RunConfig, given: set[str], world_size: int | None,
+                   launcher_strategy: str | None = None) -> list[tuple[str, str]]:
     """Under a launcher, the number of processes is the launcher's world size, and launch.num_gpus
     follows it: taken from it when not given, refused when given and different (it sets the
     gradient accumulation, so a mismatch would silently change the effective batch). Several
-    processes with no strategy named mean DDP. `given`: the keys some layer of the config set.
-    Returns errors as (key path, message); changes `cfg` in place."""
-    if world_size is None:
-        return []
-    if "launch.num_gpus" in given and cfg.launch.num_gpus != world_size:
-        return [("launch.num_gpus", f"{cfg.launch.num_gpus} contradicts the launcher, which started {world_size} "
-                 f"process(es) (WORLD_SIZE); drop launch.num_gpus or launch {cfg.launch.num_gpus} processes")]
-    cfg.launch.num_gpus = world_size
-    if world_size > 1 and cfg.launch.strategy == "single":
-        if "launch.strategy" in given:
-            return [("launch.strategy", f"single trains in one process, but the launcher started {world_size}; "
-                     "use ddp, or launch one process")]
-        cfg.launch.strategy = "ddp"
+    processes with no strategy named take the launcher's (`launcher_strategy`: fsdp under accelerate's
+    FSDP config), else DDP. Under FSDP the 4-bit weights' storage dtype follows the compute dtype
+    unless given (FSDP shards only float tensors of one dtype). `given`: the keys some layer of the
+    config set. Returns errors as (key path, message); changes `cfg` in place."""
+    if world_size is not None:
+        if "launch.num_gpus" in given and cfg.launch.num_gpus != world_size:
+            return [("launch.num_gpus", f"{cfg.launch.num_gpus} contradicts the launcher, which started {world_size} "
+                     f"process(es) (WORLD_SIZE); drop launch.num_gpus or launch {cfg.launch.num_gpus} processes")]
+        cfg.launch.num_gpus = world_size
+        if world_size > 1 and cfg.launch.strategy == "single":
+            if "launch.strategy" in given:
+                return [("launch.strategy", f"single trains in one process, but the launcher started {world_size}; "
+                         "use ddp, or launch one process")]
+            cfg.launch.strategy = launcher_strategy or "ddp"
+    if cfg.launch.strategy == "fsdp" and "quant.quant_storage" not in given:
+        cfg.quant.quant_storage = cfg.quant.compute_dtype
     return []
 
 
@@ -409,12 +413,14 @@ def load_config(
     overrides: list[str] | None = None,
     cli_options: tuple[str, ...] = (),
     world_size: int | None = None,
+    launcher_strategy: str | None = None,
 ) -> RunConfig:
     """Assemble, validate and return a run config; raise ConfigError listing every problem.
 
     `cli_options` are the calling command's own option names, suggested for a mistyped flag.
     `world_size`: the processes a launcher started (qtulu.train.launch.launcher_world_size), None
-    without one; launch.num_gpus then follows it (resolve_launch).
+    without one; launch.num_gpus then follows it (resolve_launch), and launch.strategy follows
+    `launcher_strategy` (qtulu.train.launch.launcher_strategy) when not given.
     """
     tree: dict = {}
     origin: dict = {}
@@ -448,7 +454,7 @@ def load_config(
         cfg = RunConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError([_format_error(err, origin, cli_options) for err in e.errors()]) from None
-    launch_problems = resolve_launch(cfg, set(origin), world_size)
+    launch_problems = resolve_launch(cfg, set(origin), world_size, launcher_strategy)
     problems = [f"{key}: {msg}{_origin_suffix(origin, key)}"
                 for key, msg in launch_problems or combination_errors(cfg, world_size)]
     if problems:

@@ -64,12 +64,20 @@ def test_launch_configs_load_in_accelerate(path):
 
 
 def test_fsdp_launch_config_matches_the_schema_rule():
-    """The FSDP config is meant for 4-bit weights stored in bf16, which our schema demands for FSDP."""
+    """Under the FSDP config (no strategy named) the 65b run is FSDP with its 4-bit weights stored in
+    bf16, which our schema demands for FSDP; its comments say so."""
     text = (CONFIG_DIR / "launch" / "fsdp_qlora.yaml").read_text()
-    assert "--quant.quant_storage bf16" in text
-    cfg = load_config(size="65b", mix="human+gpt", overrides=[
-        "--launch.strategy", "fsdp", "--launch.num_gpus", "2", "--quant.quant_storage", "bf16"])
+    assert "ACCELERATE_USE_FSDP" in text and "quant.quant_storage follows" in text
+    cfg = load_config(size="65b", mix="human+gpt", world_size=8, launcher_strategy="fsdp")
+    assert cfg.launch.strategy == "fsdp" and cfg.quant.quant_storage == cfg.quant.compute_dtype == "bf16"
+
+
+def test_fsdp_storage_follows_the_compute_dtype_unless_given():
+    cfg = load_config(size="7b", mix="human", overrides=FSDP2)
     assert cfg.quant.quant_storage == cfg.quant.compute_dtype == "bf16"
+    cfg = load_config(size="micro", mix="sample", overrides=[*FSDP2, "--launch.device", "cuda"])
+    assert cfg.quant.quant_storage == cfg.quant.compute_dtype == "fp32"
+    assert load_config(size="7b", mix="human", overrides=DDP2).quant.quant_storage == "uint8"
 
 
 def test_65b_human_gpt_has_the_papers_values():
@@ -160,7 +168,7 @@ FSDP2 = ["--launch.strategy", "fsdp", "--launch.num_gpus", "2"]
     pytest.param(["--launch.strategy", "ddp"], "launch.num_gpus", id="ddp-with-1-gpu"),
     pytest.param(["--launch.strategy", "fsdp", "--quant.quant_storage", "bf16"], "launch.num_gpus",
                  id="fsdp-with-1-gpu"),
-    pytest.param(FSDP2, "quant.quant_storage", id="fsdp-with-uint8-storage"),
+    pytest.param([*FSDP2, "--quant.quant_storage", "uint8"], "quant.quant_storage", id="fsdp-with-uint8-storage"),
     pytest.param([*FSDP2, "--quant.quant_storage", "fp16"], "quant.quant_storage", id="fsdp-storage-not-compute"),
     pytest.param(["--data.max_seq_len", "4096"], "data.max_seq_len", id="longer-than-positions"),
     pytest.param(["--model.init", "random", "--model.arch", "null"], "model.arch", id="random-init-without-arch"),
@@ -179,6 +187,7 @@ def test_impossible_combinations(overrides, key):
     pytest.param([*DDP2, "--optim.micro_batch_size", "4", "--optim.batch_size", "16"], id="batch-16-on-2x4"),
     pytest.param(DDP2, id="ddp-with-2-gpus"),
     pytest.param([*FSDP2, "--quant.quant_storage", "bf16"], id="fsdp-with-bf16-storage"),
+    pytest.param(FSDP2, id="fsdp-storage-following-compute"),
     pytest.param(["--data.max_seq_len", "2048"], id="max-len-equal-to-positions"),
     pytest.param(["--model.init", "random"], id="random-init-with-the-presets-arch"),
     pytest.param(["--launch.device", "cpu"], id="cpu-single"),

@@ -168,7 +168,7 @@ def estimate(cfg: RunConfig, device: str = "cuda") -> MemoryPlan:
 
     if cfg.model.fused_loss:
         # qtulu.kernels' fused loss: the hidden states and their gradient, one chunk of logits
-        # (sized like the hidden states) with its gathered rows; on CPU the torch path adds an fp32
+        # (sized like the hidden states, at least 512 rows) with its gathered rows; on CPU the torch path adds an fp32
         # copy of a low-precision chunk, which the Triton kernel does not make.
         rows = default_chunk_rows(tokens, h, vocab)
         fp32_copy = 4 if device == "cpu" and a != 4 else 0

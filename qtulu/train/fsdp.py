@@ -62,11 +62,15 @@ def accumulating(root, last: bool):
     return contextlib.nullcontext() if root is None or last else root.no_sync()
 
 
-def full_adapter_state(model, root) -> dict[str, torch.Tensor]:
-    """The whole trainable state (LoRA), gathered from the shards, as the PEFT model names it.
-    Every process must call it (all-gathers); the tensors are copies, on the CPU."""
+def full_adapter_state(model, root, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """The whole trainable state (LoRA), gathered from the shards, as the PEFT model names it: CPU
+    copies in the main process (which writes it), None in the others. Every process must call it
+    (all-gathers); only the main one keeps the gathered parameters and copies them (rank0_only: at
+    65B with r64 the others would each hold ~0.8 GB of host memory for nothing)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    with FSDP.summon_full_params(root, writeback=False):
+    with FSDP.summon_full_params(root, writeback=False, rank0_only=True):
+        if not is_main:
+            return None
         return {name.replace(FSDP_PREFIX, ""): p.detach().to("cpu", copy=True)
                 for name, p in model.named_parameters() if p.requires_grad}

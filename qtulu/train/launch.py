@@ -27,6 +27,13 @@ def launcher_world_size() -> int | None:
     return None
 
 
+def launcher_strategy() -> str | None:
+    """The strategy the launcher's own config names: `accelerate launch` with an FSDP config (ours in
+    configs/launch/fsdp_qlora.yaml, or any) sets ACCELERATE_USE_FSDP; None otherwise (torchrun, a DDP
+    config), where several processes mean DDP."""
+    return "fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes") else None
+
+
 def _shown(path: Path) -> str:
     try:
         return str(path.relative_to(Path.cwd()))

@@ -234,6 +234,19 @@ def test_the_launchers_world_size_sets_the_processes():
     assert (cfg.launch.num_gpus, cfg.launch.strategy) == (1, "single")
 
 
+def test_accelerates_fsdp_config_makes_the_strategy_fsdp(trainer, tmp_path):
+    """accelerate launch with an FSDP config (ACCELERATE_USE_FSDP) and no strategy named: FSDP, with the
+    4-bit storage following the compute dtype; a strategy named on the command line wins."""
+    env = {"WORLD_SIZE": "2", "ACCELERATE_USE_FSDP": "true"}
+    resolved = trainer.run(tmp_path / "run", "--dry-run", **env)
+    assert resolved.returncode == 0, resolved.stderr
+    assert re.search(r"strategy: fsdp\b", resolved.stdout) and re.search(r"quant_storage: fp32\b", resolved.stdout)
+    named = trainer.run(tmp_path / "run", "--dry-run", "--launch.strategy", "ddp", **env)
+    assert re.search(r"strategy: ddp\b", named.stdout) and re.search(r"quant_storage: uint8\b", named.stdout)
+    plain = trainer.run(tmp_path / "run", "--dry-run", WORLD_SIZE="2")  # torchrun: DDP
+    assert re.search(r"strategy: ddp\b", plain.stdout)
+
+
 def test_num_gpus_contradicting_the_launcher_is_refused():
     with pytest.raises(ConfigError) as err:
         load_config(size="micro", mix="sample", overrides=["--launch.strategy", "ddp", "--launch.num_gpus", "4"],
