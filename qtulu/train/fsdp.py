@@ -4,7 +4,8 @@ FSDP (version 1, `use_orig_params`) flattens each decoder layer's parameters, 4-
 and LoRA adapters alike, and keeps 1/N of each flat tensor per process; a layer is all-gathered
 just before its forward (and again for its backward) and freed after. bitsandbytes keeps a 4-bit
 weight as packed bytes in a tensor of dtype `quant.quant_storage`; FSDP only shards floating-point
-tensors of one dtype, so quant_storage must equal the compute dtype (the config check says so).
+tensors of one dtype, so quant_storage must equal the compute dtype (under FSDP the config makes it
+follow the compute dtype unless given, and refuses another).
 The quantisation constants (absmax, the code) stay on every process: bitsandbytes finds them on
 the module again when FSDP hands the layer a re-gathered tensor without them.
 
@@ -62,15 +63,16 @@ def accumulating(root, last: bool):
     return contextlib.nullcontext() if root is None or last else root.no_sync()
 
 
-def full_adapter_state(model, root, is_main: bool) -> dict[str, torch.Tensor] | None:
+def full_adapter_state(model, root) -> dict[str, torch.Tensor] | None:
     """The whole trainable state (LoRA), gathered from the shards, as the PEFT model names it: CPU
-    copies in the main process (which writes it), None in the others. Every process must call it
-    (all-gathers); only the main one keeps the gathered parameters and copies them (rank0_only: at
+    copies in process 0 (the main one, which writes it), None in the others. Every process must call
+    it (all-gathers); only process 0 keeps the gathered parameters and copies them (rank0_only: at
     65B with r64 the others would each hold ~0.8 GB of host memory for nothing)."""
+    import torch.distributed as dist
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     with FSDP.summon_full_params(root, writeback=False, rank0_only=True):
-        if not is_main:
+        if dist.get_rank() != 0:
             return None
         return {name.replace(FSDP_PREFIX, ""): p.detach().to("cpu", copy=True)
                 for name, p in model.named_parameters() if p.requires_grad}

@@ -529,7 +529,7 @@ class LoraFinetune:
         adapter_state = None
         if self.root is not None:
             write_rank_optimizer(tmp, self.optimizer, self.rank)
-            adapter_state = full_adapter_state(self.model, self.root, self.is_main)  # every process takes part
+            adapter_state = full_adapter_state(self.model, self.root)  # every process takes part
         self.dist.wait_for_everyone()  # every RNG file is in before the main process completes the folder
         folder = None
         if self.is_main:
@@ -549,7 +549,7 @@ class LoraFinetune:
 
     def _write_final(self) -> None:
         """The run's adapter (PEFT format) and a one-line summary naming the next command."""
-        adapter_state = full_adapter_state(self.model, self.root, self.is_main) if self.root is not None else None
+        adapter_state = full_adapter_state(self.model, self.root) if self.root is not None else None
         if not self.is_main:
             return
         with building_dir(self.run_dir / "adapter", replace=True) as tmp:
