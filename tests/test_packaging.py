@@ -43,9 +43,10 @@ def test_installed_layout_imports():
 
 def test_the_bare_name_kernels_is_not_ours():
     """transformers and bitsandbytes probe `import kernels` (a PyPI package); ours must not answer."""
-    code = "import importlib.util; print(importlib.util.find_spec('kernels'))"
+    code = "import importlib.util; spec = importlib.util.find_spec('kernels'); print(spec.origin if spec else '')"
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/").stdout.strip()
-    assert str(REPO) not in found
+    # the PyPI package may answer (transformers 5.25 depends on it), from a venv inside the checkout
+    assert not found or Path(found).resolve().parent != (REPO / "kernels").resolve(), found
 
 
 def readme_block(heading: str) -> str:
