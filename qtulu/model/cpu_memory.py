@@ -5,8 +5,9 @@ each time a large mmapped chunk is freed the mmap threshold RISES (up to 32 MiB 
 the first micro-batches the activations (hundreds of 1-30 MiB tensors) come from the heap, where
 freed chunks stay in the process and fragment: `135m` at 4 rows of 512 tokens holds ~2.4 GB of
 saved activations but peaks at ~9.7 GB resident. Fixing the threshold returns the memory but makes
-every new tensor pay page faults (~0.6-0.7x the speed). mimalloc reuses freed pages at once and
-returns what stays free: ~4 GB peak at glibc's speed (docs/benchmarks.md, "Training").
+every new tensor pay page faults (~0.6-0.7x the speed). mimalloc reuses freed pages at once, and is
+told to keep them (no page faults from one micro-batch to the next): ~4 GB peak at glibc's speed or
+better (docs/benchmarks.md, "Training").
 
 An allocator has to be in place before the process allocates anything, so `qtulu train` started
 from the command line re-executes itself once with mimalloc in LD_PRELOAD (what PyTorch's own CPU
@@ -24,6 +25,8 @@ from pathlib import Path
 PRELOAD = "LD_PRELOAD"
 # set in the re-executed process: never re-execute twice, whatever happened to LD_PRELOAD
 REEXEC_MARK = "QTULU_ALLOCATOR_REEXEC"
+# how long (ms) mimalloc keeps freed pages before returning them to the OS; -1: never
+PURGE_DELAY = "MIMALLOC_PURGE_DELAY"
 
 
 def mimalloc_library() -> Path | None:
@@ -70,6 +73,11 @@ def reexec_under_mimalloc() -> str | None:
     env = dict(os.environ)
     env[PRELOAD] = ":".join(p for p in [str(library), env.get(PRELOAD, "")] if p)
     env[REEXEC_MARK] = "1"
+    # mimalloc returns pages that stayed free for 10 ms to the OS, and a training step frees and
+    # re-allocates its activations within seconds: every micro-batch then page-faults its ~250 MB of
+    # activations back in (64k faults, ~1.4 s of kernel time per 135m micro-batch). Never purging
+    # costs ~2% more peak RSS: the freed pages are the ones the next micro-batch takes again.
+    env.setdefault(PURGE_DELAY, "-1")
     sys.stdout.flush()
     sys.stderr.flush()
     os.execve(sys.executable, sys.orig_argv, env)

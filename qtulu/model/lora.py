@@ -1,16 +1,23 @@
-"""A leaner forward for PEFT's LoRA layers: the adapter's product added inside one `addmm`.
+"""A leaner LoRA layer on a 4-bit base: one autograd function for base matmul and adapter together.
 
-PEFT's LoRA layer on a 4-bit base computes `result = base(x).clone(); result = result + B(A(x)) * s`:
-a defensive copy of the base output, a separate scaling pass and a separate addition, each one full
-pass over a (tokens x out_features) tensor, forward and backward. `result.addmm_(A(x), B.T, alpha=s)`
-does the scaling and the addition inside the B matmul, and its backward scales only the
-small (tokens x r) gradient. Same parameters, same state dict, same PEFT adapter on disk. Measured
-on a CPU (135m, r64, fp32): one gate projection's forward + backward 84 -> 79 ms; over a whole
-training step the gain was within the machine's noise (docs/benchmarks.md).
+PEFT's LoRA layer on a bitsandbytes 4-bit base runs `result = base(x).clone(); result = result +
+B(A(dropout(x))) * s` as five autograd nodes: bitsandbytes' 4-bit matmul, a defensive copy of its
+output, the A and B linears, a scaling pass and an addition (each a full pass over a tokens x
+out_features tensor, forward and backward, and the backward adds the base's and the adapter's input
+gradients in another pass). `QLoraLinear` does the same arithmetic in one node: forward
+`y = x W^T` then `y += s (x A^T) B^T` inside one in-place `addmm_`; backward `dx = g W` then
+`dx += s (g B) A` in place, `dA = s (g B)^T x`, `dB = s g^T (x A^T)`, with W dequantized from its
+4 bits on the fly both times (as bitsandbytes does) and the scale applied to the thin tokens x r
+tensors only. It saves what PEFT's nodes save (the adapter's input and x A^T), nothing more.
+
+Why not an in-place `addmm_` on PEFT's output alone (this module's previous form): the output is
+3-d, the `addmm_` works on a 2-d view of it, and autograd's bookkeeping for an in-place op on a view
+(CopySlices) copies the whole output gradient twice in the backward: it cost about what it saved.
 
 The lean path covers the plain case: one active LoRA adapter (no DoRA or other variant), not merged,
-not disabled, input and adapter of the same dtype (the base layers return their input's), no
-autocast. Anything else goes through PEFT's own forward, unchanged.
+not disabled, no autocast, a bitsandbytes 4-bit base without bias, input and adapter of one dtype.
+Anything else goes through PEFT's own forward, unchanged (on a GPU with fp32 adapters over bf16
+compute, PEFT's forward runs).
 """
 
 from __future__ import annotations
@@ -20,21 +27,77 @@ import types
 import torch
 
 
+def dequantized(base) -> torch.Tensor:
+    """The 4-bit base layer's weight as a (out_features x in_features) tensor of its compute dtype."""
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    fix_4bit_weight_quant_state_from_module(base)  # FSDP's flat parameters drop the quant state
+    return bnbf.dequantize_4bit(base.weight, base.weight.quant_state)
+
+
+class QLoraLinear(torch.autograd.Function):
+    """y = x W^T + s (dropout(x) A^T) B^T for 2-d x, W frozen in 4 bits, A and B trained."""
+
+    @staticmethod
+    def forward(ctx, x, x_lora, a, b, base, scaling):
+        """x_lora is the adapter's input when dropout makes it differ from x, else None."""
+        x_a = torch.mm(x if x_lora is None else x_lora, a.t())  # (tokens, r)
+        y = torch.mm(x, dequantized(base).to(x.dtype).t())
+        y.addmm_(x_a, b.t(), alpha=scaling)
+        ctx.base, ctx.scaling, ctx.dropout = base, scaling, x_lora is not None
+        ctx.save_for_backward(x if x_lora is None else x_lora, a, b, x_a)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_lora, a, b, x_a = ctx.saved_tensors
+        need_x, need_x_lora, need_a, need_b = ctx.needs_input_grad[:4]
+        grad_x = grad_x_lora = grad_a = grad_b = None
+        # the scale goes on the thin (tokens x r) tensors, never on a (tokens x features) one
+        g_b = torch.mm(grad_y, b).mul_(ctx.scaling) if (need_x or need_x_lora or need_a) else None
+        if need_x:
+            grad_x = torch.mm(grad_y, dequantized(ctx.base).to(grad_y.dtype))
+            if not ctx.dropout:
+                grad_x.addmm_(g_b, a)  # the adapter's input is x: both gradients in one tensor
+        if ctx.dropout and need_x_lora:
+            grad_x_lora = torch.mm(g_b, a)
+        if need_a:
+            grad_a = torch.mm(g_b.t(), x_lora)
+        if need_b:
+            grad_b = torch.mm(grad_y.t(), x_a * ctx.scaling)
+        return grad_x, grad_x_lora, grad_a, grad_b, None, None
+
+
+def lean_applies(layer, x: torch.Tensor, name: str | None) -> bool:
+    """Whether `QLoraLinear` computes exactly what PEFT's forward would for this call."""
+    import bitsandbytes as bnb
+
+    base = layer.base_layer
+    if (name not in layer.lora_A or layer.disable_adapters or layer.merged or not torch.is_grad_enabled()
+            or name in getattr(layer, "lora_variant", {}) or torch.is_autocast_enabled(x.device.type)):
+        return False
+    if not isinstance(base, bnb.nn.Linear4bit) or base.bias is not None:
+        return False
+    state = getattr(base.weight, "quant_state", None) or getattr(base, "quant_state", None)
+    if state is None or getattr(state, "packing_format_for_cpu", False):
+        return False  # bitsandbytes' CPU inference layout, not the blockwise one dequantize reads
+    compute = base.compute_dtype or x.dtype
+    return x.dtype == compute == layer.lora_A[name].weight.dtype == layer.lora_B[name].weight.dtype
+
+
 def lean_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """The LoRA layer's forward as one base matmul and one addmm (falls back to PEFT's otherwise)."""
+    """The LoRA layer's forward as one `QLoraLinear` node (PEFT's forward where that does not apply)."""
     active = self.active_adapters
     name = active[0] if len(active) == 1 else None
-    if (args or kwargs or name not in self.lora_A or self.disable_adapters or self.merged
-            or name in getattr(self, "lora_variant", {}) or torch.is_autocast_enabled(x.device.type)
-            or not x.dtype == self.lora_A[name].weight.dtype == self.lora_B[name].weight.dtype):
+    if args or kwargs or not lean_applies(self, x, name):
         return type(self).forward(self, x, *args, **kwargs)
-    a, b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
-    result = self.base_layer(x)
-    x_a = torch.nn.functional.linear(self.lora_dropout[name](x), a)
-    # In place, and without PEFT's defensive clone: the base matmul's backward needs its input and
-    # weight, never its output (autograd's version check would refuse the backward loudly if it did).
-    result.view(-1, result.shape[-1]).addmm_(x_a.reshape(-1, x_a.shape[-1]), b.T, alpha=scaling)
-    return result
+    dropout = self.lora_dropout[name]
+    flat = x.reshape(-1, x.shape[-1])
+    x_lora = None if isinstance(dropout, torch.nn.Identity) else dropout(flat)
+    y = QLoraLinear.apply(flat, x_lora, self.lora_A[name].weight, self.lora_B[name].weight, self.base_layer,
+                          self.scaling[name])
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def use_lean_lora(model) -> int:

@@ -6,7 +6,7 @@ import types
 import pytest
 import torch
 
-from qtulu.model.lora import lean_lora_forward, use_lean_lora
+from qtulu.model.lora import QLoraLinear, lean_lora_forward, use_lean_lora
 
 
 def four_bit_lora(dropout: float, seed: int):
@@ -33,8 +33,8 @@ def four_bit_lora(dropout: float, seed: int):
     return model, layer
 
 
-def output_and_grads(layer, x, upstream, seed):
-    x = x.clone().requires_grad_(True)
+def output_and_grads(layer, x, upstream, seed, x_grad=True):
+    x = x.clone().requires_grad_(x_grad)
     torch.manual_seed(seed)  # the same dropout mask for both forwards
     out = layer(x)
     out.backward(upstream)
@@ -44,17 +44,34 @@ def output_and_grads(layer, x, upstream, seed):
     return grads
 
 
+@pytest.mark.parametrize("x_grad", [True, False], ids=["x-grad", "x-frozen"])
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_lean_forward_equals_peft_output_and_gradients(dropout):
+def test_lean_forward_equals_peft_output_and_gradients(dropout, x_grad):
+    """x-frozen: the first layer's input (a frozen embedding's output) needs no gradient."""
     model, layer = four_bit_lora(dropout, seed=11)
     x, upstream = torch.randn(3, 17, 48), torch.randn(3, 17, 80)
-    peft_result = output_and_grads(layer, x, upstream, seed=5)
+    peft_result = output_and_grads(layer, x, upstream, seed=5, x_grad=x_grad)
     assert use_lean_lora(model) == 1
     assert "forward" in layer.__dict__  # the lean forward is really the one called
-    lean_result = output_and_grads(layer, x, upstream, seed=5)
+    lean_result = output_and_grads(layer, x, upstream, seed=5, x_grad=x_grad)
     for name, want, got in zip(("output", "grad x", "grad A", "grad B"), peft_result, lean_result, strict=True):
+        if not x_grad and name == "grad x":
+            assert want is None and got is None
+            continue
         err = ((got - want).norm() / want.norm()).item()
         assert err < 1e-6, f"{name}: relative error {err:.2e} (fp32)"
+
+
+def test_the_lean_path_is_one_autograd_node():
+    """base matmul, adapter, scale and sum: one QLoraLinear node (PEFT's forward makes five or more)"""
+    model, layer = four_bit_lora(0.0, seed=2)
+    use_lean_lora(model)
+    out = layer(torch.randn(2, 5, 48, requires_grad=True))
+    view = out.grad_fn  # the 2-d result viewed back to the input's leading dimensions
+    node = view.next_functions[0][0]
+    assert node._forward_cls is QLoraLinear
+    leaves = [n.variable for n, _ in node.next_functions if type(n).__name__ == "AccumulateGrad"]
+    assert len(leaves) == 2 and leaves[0] is layer.lora_A.default.weight and leaves[1] is layer.lora_B.default.weight
 
 
 def test_where_the_lean_path_does_not_apply_peft_forward_runs():
