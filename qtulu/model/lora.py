@@ -8,7 +8,9 @@ gradients in another pass). `QLoraLinear` does the same arithmetic in one node: 
 `y = x W^T` then `y += s (x A^T) B^T` inside one in-place `addmm_`; backward `dx = g W` then
 `dx += s (g B) A` in place, `dA = s (g B)^T x`, `dB = s g^T (x A^T)`, with W dequantized from its
 4 bits on the fly both times (as bitsandbytes does) and the scale applied to the thin tokens x r
-tensors only. It saves what PEFT's nodes save (the adapter's input and x A^T), nothing more.
+tensors only. It saves what PEFT's nodes save (the adapter's input and x A^T), nothing more. In fp32
+without dropout it folds the adapter into the dequantized weight instead (see `QLoraLinear`) and
+saves only the input, recomputing x A^T in the backward.
 
 Why not an in-place `addmm_` on PEFT's output alone (this module's previous form): the output is
 3-d, the `addmm_` works on a 2-d view of it, and autograd's bookkeeping for an in-place op on a view
