@@ -18,6 +18,8 @@ from qtulu.files import building_dir
 from qtulu.model.hub import qtulu_home, resolve_model_dir
 from qtulu.model.lora import use_lean_lora
 from qtulu.model.rms_norm import use_lean_rms_norm
+from qtulu.model.rope import use_lean_rope
+from qtulu.model.swiglu import use_lean_swiglu
 from qtulu.model.tokenizer import load_tokenizer
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "uint8": torch.uint8}
@@ -121,6 +123,8 @@ def add_lora(model, cfg: RunConfig):
                 param.data = param.data.to(TORCH_DTYPES[lora.dtype])
     use_lean_lora(model)
     use_lean_rms_norm(model)
+    use_lean_rope(model)
+    use_lean_swiglu(model)
     return model
 
 

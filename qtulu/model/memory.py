@@ -87,6 +87,7 @@ def measure_training_step(cfg: RunConfig, device: torch.device | None = None, se
     the model's own forward and loss (the path `model.fused_loss: false` describes).
     """
     from qtulu.model.load import build_model, pick_device
+    from qtulu.model.lora import folds_kept
 
     device = device or pick_device(cfg)
     model = build_model(cfg, device)
@@ -99,8 +100,9 @@ def measure_training_step(cfg: RunConfig, device: torch.device | None = None, se
     ids = torch.randint(0, cfg.model.arch.vocab_size, shape, generator=generator).to(device)
 
     def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
+        with folds_kept():  # as the training loop runs a step
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

@@ -56,16 +56,18 @@ class MemoryPlan:
     lora_param_count: int
     tokens_per_gpu: int
     optimizer_temporaries: int = 0  # torch's foreach AdamW: one temporary per tensor in its step
+    folds: int = 0  # fp32 W + s B A of every adapted layer, kept through each step (qtulu.model.lora)
 
     PERSISTENT = ("weights_4bit", "weights_other", "lora_params", "optimizer")
-    PARTS = (*PERSISTENT, "activations", "recompute", "loss", "lora_grads", "workspace", "slack", "context")
+    PARTS = (*PERSISTENT, "activations", "recompute", "loss", "lora_grads", "workspace", "folds", "slack",
+             "context")
 
     @property
     def phases(self) -> dict[str, int]:
         """Memory that comes and goes within a step, at the peak of each of its phases."""
         return {
-            "loss": self.activations + self.loss,
-            "backward": self.activations + self.recompute + self.lora_grads + self.workspace,
+            "loss": self.activations + self.folds + self.loss,
+            "backward": self.activations + self.folds + self.recompute + self.lora_grads + self.workspace,
             "optimizer": self.lora_grads + self.optimizer_temporaries,
         }
 
@@ -89,6 +91,14 @@ def linear_shapes(cfg: RunConfig) -> dict[str, tuple[int, int]]:
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
+def folded_lora(cfg: RunConfig) -> bool:
+    """Whether qtulu.model.lora folds each adapter into its float32 weight (no rank-r intermediates
+    kept; a float32 copy of each adapted weight kept per step): 4-bit base, fp32 compute and
+    adapters, no dropout."""
+    return (cfg.quant.load_in_4bit and cfg.quant.compute_dtype == "fp32" and cfg.lora.dtype == "fp32"
+            and cfg.lora.dropout == 0)
+
+
 def _saved_bytes_per_token_per_layer(cfg: RunConfig, device: str) -> int:
     """What autograd keeps for backward, per token, in one LLaMA decoder layer with LoRA.
 
@@ -96,8 +106,9 @@ def _saved_bytes_per_token_per_layer(cfg: RunConfig, device: str) -> int:
     - each RMSNorm keeps its input in fp32 and one fp32 rsqrt per token: 2 x (4h + 4);
     - attention (flash-style: no score matrix) keeps q and out (h each), k and v (kv each) in the
       compute dtype, and one fp32 log-sum-exp per head; RoPE only keeps cos/sin, shared by all layers;
-    - SwiGLU keeps gate, silu(gate) and up: 3 x I;
-    - each LoRA layer runs in the adapter dtype and keeps its rank-r intermediate, and with dropout
+    - SwiGLU keeps gate, silu(gate) and up: 3 x I; in fp32 qtulu.model.swiglu keeps gate and up: 2 x I;
+    - each LoRA layer runs in the adapter dtype and keeps its rank-r intermediate (none when folded,
+      see `folded_lora`), and with dropout
       its dropout mask (bool on CUDA, float on CPU) and dropped input; without dropout, its input cast
       to the adapter dtype, or, when no cast is needed, the norm's output (or the attention output,
       or the SwiGLU product for down_proj), kept once however many LoRA layers share it.
@@ -111,10 +122,11 @@ def _saved_bytes_per_token_per_layer(cfg: RunConfig, device: str) -> int:
 
     saved = 2 * (4 * h + 4)  # two RMSNorms
     saved += a * (2 * h + 2 * kv) + 4 * arch.num_heads  # attention
-    saved += 3 * a * i  # SwiGLU
+    saved += (2 if a == 4 else 3) * a * i  # SwiGLU
     # PEFT runs the LoRA branch in the adapter dtype: the input is cast to it first.
     la = DTYPE_BYTES[lora.dtype]
-    saved += len(targets) * la * lora.r  # LoRA intermediates
+    if not folded_lora(cfg):
+        saved += len(targets) * la * lora.r  # LoRA intermediates
     if lora.dropout > 0:
         mask = 1 if device == "cuda" else la
         saved += sum((la + mask) * d_in for d_in, _ in targets.values())
@@ -193,6 +205,8 @@ def estimate(cfg: RunConfig, device: str = "cuda") -> MemoryPlan:
     lora_params, lora_grads, optimizer = lora_params // shard, lora_grads // shard, optimizer // shard
     plan = MemoryPlan(weights_4bit, weights_other, lora_params, optimizer, activations, recompute, loss,
                       lora_grads, workspace, 0, 0, lora_count, tokens)
+    if folded_lora(cfg):
+        plan.folds = 4 * layers * sum(d_in * d_out for m, (d_in, d_out) in shapes.items() if m in lora.target_modules)
     if optim.optimizer == "adamw":  # bitsandbytes' optimizers update in one fused kernel instead
         plan.optimizer_temporaries = lora_params
     if device == "cuda":
@@ -270,7 +284,8 @@ PART_LABELS = {
     "weights_4bit": "4-bit weights + constants", "weights_other": "embeddings, lm_head, norms",
     "lora_params": "LoRA weights", "optimizer": "optimizer state", "activations": "activations (saved)",
     "recompute": "checkpoint recompute", "loss": "loss (logits)", "lora_grads": "LoRA gradients",
-    "workspace": "dequant + grad workspace", "slack": "allocator slack", "context": "CUDA context",
+    "workspace": "dequant + grad workspace", "folds": "folded LoRA weights (fp32)", "slack": "allocator slack",
+    "context": "CUDA context",
 }
 
 

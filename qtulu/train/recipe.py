@@ -32,6 +32,7 @@ from rich.console import Console
 from qtulu.config import RunConfig, combination_errors, dump_config, parse_overrides
 from qtulu.errors import QtuluError
 from qtulu.files import building_dir
+from qtulu.model.lora import folds_kept
 from qtulu.train.batches import Position, StepBatches, collate, count_tokens
 from qtulu.train.checkpoint import (
     check_run_dir,
@@ -386,13 +387,14 @@ class LoraFinetune:
                 loss_sum = torch.zeros((), dtype=torch.float64, device=device)
                 # FSDP divides the gradients it reduces by the number of processes: undo it, for a sum
                 scale = self.world if self.root is not None else 1
-                for i, batch in enumerate(batches):
-                    with accumulating(self.root, last=i == len(batches) - 1):
-                        loss = micro_batch_loss(self.model, batch, cfg.model.fused_loss)
-                        if fault == f"nan-loss@{self.step + 1}":  # fault injection for the NaN-guard test
-                            loss = loss * float("nan")
-                        (loss * scale / n_targets).backward()
-                    loss_sum += loss.detach().double()
+                with folds_kept():  # the adapter holds still until optimizer.step(): fold it once
+                    for i, batch in enumerate(batches):
+                        with accumulating(self.root, last=i == len(batches) - 1):
+                            loss = micro_batch_loss(self.model, batch, cfg.model.fused_loss)
+                            if fault == f"nan-loss@{self.step + 1}":  # fault injection for the NaN-guard test
+                                loss = loss * float("nan")
+                            (loss * scale / n_targets).backward()
+                        loss_sum += loss.detach().double()
                 step_loss = float(self._sum(loss_sum)) / n_targets
                 self.sync_gradients()  # before clipping: every process clips the same, global, norm
                 max_norm = cfg.optim.max_grad_norm or float("inf")

@@ -134,3 +134,37 @@ def test_lean_forward_against_a_float64_reference(dtype):
                                 strict=True):
         err = ((have.double() - want.detach()).norm() / want.detach().norm()).item()
         assert err < tolerance, f"{name}: relative error {err:.2e} against float64 ({dtype})"
+
+
+def test_kept_folds_are_computed_once_per_adapter_state(monkeypatch):
+    """Within `folds_kept` the folded weight is made once and serves every forward and backward while A
+    and B are unchanged (two micro-batches: same gradients as folding each time); an in-place change of
+    the adapter (what optimizer.step() does) folds again; outside it nothing is kept."""
+    from qtulu.model import lora
+
+    model, layer = four_bit_lora(0.0, seed=3)
+    use_lean_lora(model)
+    folds = []
+    real = lora.merged_weight
+    monkeypatch.setattr(lora, "merged_weight", lambda *args: folds.append(1) or real(*args))
+    xs = [torch.randn(2, 9, 48) for _ in range(2)]
+    ups = [torch.randn(2, 9, 80) for _ in range(2)]
+
+    def two_micro_batches():
+        got = [output_and_grads(layer, x, up, seed=0) for x, up in zip(xs, ups, strict=True)]
+        return [torch.cat([g.flatten() for g in grads]) for grads in got]
+
+    each_time = two_micro_batches()
+    assert len(folds) == 4  # forward and backward of each micro-batch
+    folds.clear()
+    with lora.folds_kept():
+        kept = two_micro_batches()
+        assert len(folds) == 1
+        with torch.no_grad():
+            layer.lora_A.default.weight.add_(0.01)  # an optimizer step
+        after_step = two_micro_batches()
+        assert len(folds) == 2
+    assert lora._kept_folds is None  # the step's folds are dropped when it ends
+    for want, got in zip(each_time, kept, strict=True):
+        assert torch.allclose(want, got, rtol=0, atol=0)  # the same fold, the same arithmetic
+    assert not torch.allclose(each_time[0], after_step[0])  # ... and the new A is the one used
