@@ -88,8 +88,8 @@ class QLoraLinear(torch.autograd.Function):
     matmuls of the forward output and the input gradient for one features x r x features fold (once
     per optimizer step inside `folds_kept`, as training runs it; else once in the forward and once in
     the backward) and runs the rest as one large, fast matmul; the adapter's own gradients are
-    computed as before. In bf16/fp16 the fold would round s B A into the
-    precision of W, so those keep the adapter's product apart.
+    computed as before. In bf16/fp16 the fold would round s B A into the precision of W, so those
+    keep the adapter's product apart.
     """
 
     @staticmethod

@@ -7,7 +7,9 @@ That is four of the largest tensors of a layer (intermediate = 2.7x hidden for 1
 `SwiGLUFunction` keeps gate and up only and recomputes silu(gate) in the backward (one extra
 elementwise pass): a quarter less of the MLP's saved activations, ~11.5 MB per layer of a 1,867-token
 135m micro-batch, 344 MB over its 30 layers. The forward writes silu(gate) once and multiplies
-into it in place (one tensor allocated, not two).
+into it in place (one tensor allocated, not two). Time: the same (forward + backward at 1,867 x
+1,536, median of 30 interleaved: 8.4 ms before, 8.3 ms after): the recomputation costs what the
+fewer allocations save.
 
 `use_lean_swiglu(model)` gives every LLaMA/Mistral/Qwen2 MLP with the SiLU activation a forward
 through it when gradients are on and the tensors are float32; otherwise transformers' forward runs.
