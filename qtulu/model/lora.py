@@ -29,8 +29,20 @@ import types
 
 import torch
 
-# the folded weights (W + s B A) of the optimizer step under way, by layer: see `folds_kept`
-_kept_folds: dict | None = None
+# at most this many bytes of folds are kept (135m: 425 MB, all of it; a 7B model's would be 26 GB:
+# its first layers are kept, the others folded at each use as outside `folds_kept`)
+FOLD_BUDGET_BYTES = 1 << 30
+
+
+class KeptFolds:
+    """The folded weights (W + s B A) of the optimizer step under way, by layer, within a byte budget."""
+
+    def __init__(self, budget: int):
+        self.bytes_left = budget
+        self.by_layer: dict[int, tuple[tuple, torch.Tensor]] = {}
+
+
+_kept_folds: KeptFolds | None = None  # set by `folds_kept`
 
 
 def dequantized(base) -> torch.Tensor:
@@ -48,18 +60,19 @@ def merged_weight(base, a, b, scaling, dtype) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def folds_kept():
+def folds_kept(budget: int = FOLD_BUDGET_BYTES):
     """Within it, each layer's folded weight is computed once and reused by every forward and backward.
 
     The adapter only changes when the optimizer steps, so the fold of the first micro-batch's forward
     holds for that backward and for every other micro-batch of the step: the training loop opens
     this per step. Outside it, each forward and backward dequantizes and folds anew (nothing kept).
-    Cost: one float32 copy of every adapted weight while the step runs (425 MB for 135m).
+    Cost: a float32 copy of every adapted weight while the step runs, up to `budget` bytes (layers
+    past it fold at each use).
     """
     global _kept_folds
     outer = _kept_folds
     if outer is None:
-        _kept_folds = {}
+        _kept_folds = KeptFolds(budget)
     try:
         yield
     finally:
@@ -72,11 +85,17 @@ def folded_weight(base, a, b, scaling, dtype) -> torch.Tensor:
         return merged_weight(base, a, b, scaling, dtype)
     # any in-place change of A or B (an optimizer step, a load) bumps its version: fold again
     key = (a._version, b._version, a.data_ptr(), b.data_ptr(), scaling, dtype)
-    kept = _kept_folds.get(id(base))
-    if kept is not None and kept[0] == key:
-        return kept[1]
+    folds = _kept_folds
+    kept = folds.by_layer.pop(id(base), None)
+    if kept is not None:
+        if kept[0] == key:
+            folds.by_layer[id(base)] = kept
+            return kept[1]
+        folds.bytes_left += kept[1].nbytes  # stale: its place goes to the new fold
     weight = merged_weight(base, a, b, scaling, dtype)
-    _kept_folds[id(base)] = (key, weight)
+    if weight.nbytes <= folds.bytes_left:
+        folds.bytes_left -= weight.nbytes
+        folds.by_layer[id(base)] = (key, weight)
     return weight
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from qtulu.config import RunConfig
 from qtulu.kernels.cross_entropy import default_chunk_rows
+from qtulu.model.lora import FOLD_BUDGET_BYTES
 
 GB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -205,8 +206,9 @@ def estimate(cfg: RunConfig, device: str = "cuda") -> MemoryPlan:
     lora_params, lora_grads, optimizer = lora_params // shard, lora_grads // shard, optimizer // shard
     plan = MemoryPlan(weights_4bit, weights_other, lora_params, optimizer, activations, recompute, loss,
                       lora_grads, workspace, 0, 0, lora_count, tokens)
-    if folded_lora(cfg):
-        plan.folds = 4 * layers * sum(d_in * d_out for m, (d_in, d_out) in shapes.items() if m in lora.target_modules)
+    if folded_lora(cfg):  # kept per step up to qtulu.model.lora's budget
+        adapted = layers * sum(d_in * d_out for m, (d_in, d_out) in shapes.items() if m in lora.target_modules)
+        plan.folds = min(4 * adapted, FOLD_BUDGET_BYTES)
     if optim.optimizer == "adamw":  # bitsandbytes' optimizers update in one fused kernel instead
         plan.optimizer_temporaries = lora_params
     if device == "cuda":

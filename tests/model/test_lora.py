@@ -168,3 +168,30 @@ def test_kept_folds_are_computed_once_per_adapter_state(monkeypatch):
     for want, got in zip(each_time, kept, strict=True):
         assert torch.allclose(want, got, rtol=0, atol=0)  # the same fold, the same arithmetic
     assert not torch.allclose(each_time[0], after_step[0])  # ... and the new A is the one used
+
+
+def test_kept_folds_stay_within_their_byte_budget(monkeypatch):
+    """A budget too small for a layer's fold keeps nothing (it folds at every use, as outside);
+    one that fits keeps it, and a stale fold (after the adapter changed) gives its place to the new."""
+    from qtulu.model import lora
+
+    model, layer = four_bit_lora(0.0, seed=4)
+    use_lean_lora(model)
+    folds = []
+    real = lora.merged_weight
+    monkeypatch.setattr(lora, "merged_weight", lambda *args: folds.append(1) or real(*args))
+    x, up = torch.randn(2, 5, 48), torch.randn(2, 5, 80)
+    fold_bytes = 80 * 48 * 4
+    for budget, want in ((fold_bytes - 1, 4), (fold_bytes, 1)):
+        folds.clear()
+        with lora.folds_kept(budget):
+            output_and_grads(layer, x, up, seed=0)
+            output_and_grads(layer, x, up, seed=0)
+            if want == 1:
+                assert lora._kept_folds.bytes_left == 0
+                with torch.no_grad():
+                    layer.lora_B.default.weight.mul_(1.5)  # an optimizer step
+                output_and_grads(layer, x, up, seed=0)
+                output_and_grads(layer, x, up, seed=0)
+                want += 1
+        assert len(folds) == want, budget

@@ -150,3 +150,18 @@ def test_fsdp_shards_weights_and_ddp_does_not():
     assert fsdp.total < single.total
     assert fsdp.total > single.total / 2  # activations are not sharded
     assert single.total / GB < 80
+
+
+def test_folds_are_planned_where_the_adapter_is_folded_and_within_their_budget():
+    """fp32 compute and adapters, no dropout, 4-bit base: each adapted weight in fp32 for the step (135m:
+    all of it), capped at qtulu.model.lora's budget (7b); bf16 compute or dropout: nothing."""
+    from qtulu.model.lora import FOLD_BUDGET_BYTES
+    from qtulu.model.plan import linear_shapes
+
+    folded = ["--quant.compute_dtype", "fp32", "--lora.dtype", "fp32", "--lora.dropout", "0"]
+    cfg = load_config(size="135m", mix="sample", overrides=folded)
+    adapted = cfg.model.arch.num_layers * sum(i * o for i, o in linear_shapes(cfg).values())
+    assert estimate(cfg, "cpu").folds == 4 * adapted < FOLD_BUDGET_BYTES
+    assert estimate(load_config(size="7b", mix="sample", overrides=folded), "cpu").folds == FOLD_BUDGET_BYTES
+    for other in (["--quant.compute_dtype", "bf16"], ["--lora.dropout", "0.05"]):
+        assert estimate(load_config(size="135m", mix="sample", overrides=folded + other), "cpu").folds == 0, other
