@@ -198,11 +198,15 @@ def merge(
     qtulu merge runs/tulu-7b-human runs/tulu-7b-gpt --weights 0.5,0.5 --output merged/tulu-7b-mix
     ```
     """
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     from qtulu.merge.merge import merge_runs
 
     hf_logging.disable_progress_bar()  # our own progress lines instead of a bar per model load
+    # peft reads transformers' deprecated `is_gradient_checkpointing` alias when it wraps the base
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
     result = merge_runs(run_dirs, output=output, dtype=dtype, base=base, max_shard_size=max_shard_size,
                         verify=verify, force=force, weights=weights, method=method, density=density,
                         log=lambda message: err_console.print(message, markup=False))

@@ -31,6 +31,7 @@ def test_train_then_merge_through_the_cli(tmp_path):
     merge = subprocess.run([QTULU, "merge", str(run)], capture_output=True, text=True, env=env, timeout=600)
     assert merge.returncode == 0, merge.stderr
     assert "Traceback" not in merge.stderr
+    assert "Warning" not in merge.stderr, merge.stderr  # nothing but the command's own lines
     assert f"merged model written to {run / 'merged'}" in merge.stdout and "verified" in merge.stdout
     manifest = json.loads((run / "merged" / "qtulu_merge.json").read_text())
     assert manifest["verification"]["passed"] and manifest["dtype"] == "fp32"
