@@ -86,12 +86,12 @@ def folded_weight(base, a, b, scaling, dtype) -> torch.Tensor:
     # any in-place change of A or B (an optimizer step, a load) bumps its version: fold again
     key = (a._version, b._version, a.data_ptr(), b.data_ptr(), scaling, dtype)
     folds = _kept_folds
-    kept = folds.by_layer.pop(id(base), None)
-    if kept is not None:
-        if kept[0] == key:
-            folds.by_layer[id(base)] = kept
-            return kept[1]
-        folds.bytes_left += kept[1].nbytes  # stale: its place goes to the new fold
+    kept = folds.by_layer.get(id(base))
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    if kept is not None:  # stale: its place goes to the new fold
+        del folds.by_layer[id(base)]
+        folds.bytes_left += kept[1].nbytes
     weight = merged_weight(base, a, b, scaling, dtype)
     if weight.nbytes <= folds.bytes_left:
         folds.bytes_left -= weight.nbytes
